@@ -1,0 +1,228 @@
+"""MNIST loading and augmentation.
+
+Two pipelines feed the same training loop:
+  fast        the whole set lives as uint8 tensors on the training device; each batch is
+              augmented there in one shot (one affine grid per sample, nearest sampling,
+              fill 0), with the semantics of the torchvision transforms the seeds used.
+  torchvision the seed-style path: a Dataset that hands out PIL images, torchvision
+              transforms per sample, a DataLoader with workers.
+"""
+import gzip
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MEAN, STD = 0.1307, 0.3081
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+COUNTS = {"train": 60000, "test": 10000}
+
+
+class DataError(Exception):
+    """A missing or corrupt MNIST file; the message is one line meant for the user."""
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _find(folder, stem):
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def has_mnist(folder):
+    return all(_find(folder, stem) for stem in FILES.values())
+
+
+def read_idx(path, magic, count):
+    """Read one IDX file, check its header, size and contents, return a uint8 array."""
+    name = os.path.basename(path)
+    folder = os.path.dirname(path) or "."
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read {name} in {folder}: {e} (re-copy the file)") from None
+    ndim = magic - 2049 + 1  # 2049 -> labels (1 dim), 2051 -> images (3 dims)
+    head = 4 + 4 * ndim
+    if len(raw) < head or int.from_bytes(raw[:4], "big") != magic:
+        raise DataError(f"{name} in {folder} is not an IDX file with magic number {magic} (corrupt or wrong file)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if dims[0] != count or dims[1:] not in ([], [28, 28]):
+        raise DataError(f"{name} in {folder} has shape {dims}, expected [{count}{', 28, 28' if ndim == 3 else ''}]")
+    if len(raw) != head + math.prod(dims):
+        raise DataError(f"{name} in {folder} is truncated or padded: {len(raw)} bytes, expected {head + math.prod(dims)}")
+    arr = np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
+    if ndim == 1 and arr.max() > 9:
+        raise DataError(f"{name} in {folder} holds label {arr.max()}, outside 0-9")
+    return arr
+
+
+def resolve_dir(data_dir=None):
+    """--data-dir, else $MNIST_DIR, else ./data; an explicit choice must hold the files."""
+    if data_dir or os.environ.get("MNIST_DIR"):
+        folder = data_dir or os.environ["MNIST_DIR"]
+        source = "--data-dir" if data_dir else "$MNIST_DIR"
+        if not os.path.isdir(folder):
+            raise DataError(f"{source} folder {folder} does not exist (point it at the four MNIST IDX files)")
+        missing = [stem for stem in FILES.values() if not _find(folder, stem)]
+        if missing:
+            raise DataError(f"{source} folder {folder} lacks {missing[0]}[.gz] (it needs the four MNIST IDX files)")
+        return folder
+    if has_mnist("data"):
+        return "data"
+    if has_mnist(os.path.join("data", "MNIST", "raw")):
+        return os.path.join("data", "MNIST", "raw")
+    return _download("data")
+
+
+def _download(root):
+    """Last resort for users with internet: torchvision's download into ./data."""
+    from torchvision import datasets
+    print(f"no MNIST files found in --data-dir, $MNIST_DIR or ./{root}; downloading with torchvision")
+    try:
+        datasets.MNIST(root, train=True, download=True)
+        datasets.MNIST(root, train=False, download=True)
+    except Exception as e:
+        raise DataError(f"no MNIST in ./{root} and the download failed ({type(e).__name__}); "
+                        "pass --data-dir or set MNIST_DIR to a folder with the four IDX files") from None
+    return os.path.join(root, "MNIST", "raw")
+
+
+_cache = {}
+
+
+def load(split, data_dir=None):
+    """(images uint8 [N, 28, 28], labels int64 [N]) as CPU tensors for split 'train' or 'test'."""
+    folder = resolve_dir(data_dir)
+    key = (os.path.abspath(folder), split)
+    if key not in _cache:
+        prefix = "train" if split == "train" else "test"
+        images = read_idx(_find(folder, FILES[prefix + "_images"]), 2051, COUNTS[split])
+        labels = read_idx(_find(folder, FILES[prefix + "_labels"]), 2049, COUNTS[split])
+        _cache[key] = (torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
+    return _cache[key]
+
+
+def normalize(x):
+    """uint8 or [0, 1] float images [N, 28, 28] or [N, 1, 28, 28] -> normalised float [N, 1, 28, 28]."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return (x - MEAN) / STD
+
+
+# ------------------------------------------------------------------ batched augmentation
+# An augmentation is a plain dict: {"rotate": degrees, "translate": pixels, "crop": size, "crop_p": p}.
+# Every key is optional; {} means none.
+
+def affine_grid(angles, shifts, size=28):
+    """Sampling grids [N, H, W, 2] that rotate each image by `angles` degrees counter-clockwise
+    about its centre, then shift it by `shifts` [N, 2] pixels (x, y). The math is
+    torchvision.transforms.functional's for tensors (inverse matrix in float64, pixel-centre base
+    grid, align_corners=False): rotate(img, a) is affine_grid(a, 0) and
+    affine(img, angle=a, translate=t) is affine_grid(-a, t)."""
+    n = angles.shape[0]
+    r = torch.deg2rad(-angles.double())
+    cos, sin = torch.cos(r), torch.sin(r)
+    tx, ty = shifts[:, 0].double(), shifts[:, 1].double()
+    theta = torch.stack([
+        torch.stack([cos, sin, -cos * tx - sin * ty], 1),
+        torch.stack([-sin, cos, sin * tx - cos * ty], 1),
+    ], 1).float()  # inverse affine matrix, [N, 2, 3]
+    xs = torch.linspace(-size * 0.5 + 0.5, size * 0.5 - 0.5, steps=size, device=angles.device)
+    base = torch.empty(1, size, size, 3, device=angles.device)
+    base[..., 0].copy_(xs)
+    base[..., 1].copy_(xs.unsqueeze(-1))
+    base[..., 2].fill_(1)
+    scale = torch.tensor([0.5 * size, 0.5 * size], device=angles.device)
+    grid = base.view(1, size * size, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2) / scale)
+    return grid.view(n, size, size, 2)
+
+
+def augment(x, aug, gen):
+    """Apply a recipe's augmentation to a float batch [N, 1, 28, 28] in [0, 1], on its device.
+    Random draws come from `gen`, a torch.Generator on the same device."""
+    if not aug:
+        return x
+    n, dev = x.shape[0], x.device
+    if aug.get("crop"):
+        # RandomApply([CenterCrop(c)], p) then Resize(28): bilinear upsampling of the centre crop
+        pick = torch.rand(n, generator=gen, device=dev) < aug["crop_p"]
+        if pick.any():
+            c = aug["crop"]
+            lo = int(round((28 - c) / 2.0))  # torchvision's centre-crop offset
+            crop = x[pick, :, lo:lo + c, lo:lo + c]
+            x = x.clone()
+            x[pick] = F.interpolate(crop, size=(28, 28), mode="bilinear", align_corners=False, antialias=True)
+    deg = aug.get("rotate", 0)
+    px = aug.get("translate", 0)
+    if deg or px:
+        angles = (torch.rand(n, generator=gen, device=dev) * 2 - 1) * deg
+        # torchvision RandomAffine rounds the uniform draw in [-px, px] to whole pixels
+        shifts = torch.round((torch.rand(n, 2, generator=gen, device=dev) * 2 - 1) * px)
+        x = F.grid_sample(x, affine_grid(angles, shifts), mode="nearest", padding_mode="zeros", align_corners=False)
+    return x
+
+
+def batches(images, labels, batch_size, aug=None, shuffle=True, gen=None, device="cpu"):
+    """Yield normalised (x, y) batches on `device` from uint8 tensors already there."""
+    n = images.shape[0]
+    order = torch.randperm(n, generator=gen, device=images.device) if shuffle else torch.arange(n, device=images.device)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        x = images[idx].unsqueeze(1).float().div_(255)
+        x = augment(x, aug, gen)
+        yield (x - MEAN) / STD, labels[idx]
+
+
+# -------------------------------------------------------------------- seed-style pipeline
+
+def torchvision_transform(aug):
+    """The torchvision transform chain the seeds wrote for the same augmentation dict."""
+    from torchvision import transforms as T
+    steps = []
+    if aug and aug.get("crop"):
+        steps += [T.RandomApply([T.CenterCrop(aug["crop"])], p=aug["crop_p"]), T.Resize((28, 28))]
+    if aug and aug.get("translate"):
+        px = aug["translate"]
+        steps.append(T.RandomAffine(aug.get("rotate", 0), translate=(px / 28, px / 28), fill=0))
+    elif aug and aug.get("rotate"):
+        steps.append(T.RandomRotation((-aug["rotate"], aug["rotate"]), fill=0))
+    steps += [T.ToTensor(), T.Normalize((MEAN,), (STD,))]
+    return T.Compose(steps)
+
+
+class SeedMNIST(torch.utils.data.Dataset):
+    """What torchvision.datasets.MNIST does per item (uint8 -> PIL 'L' image -> transform),
+    over the tensors read by load(), so no download or raw/ folder layout is needed."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = Image.fromarray(self.images[i].numpy(), mode="L")
+        return self.transform(img), int(self.labels[i])
+
+
+def seed_loader(images, labels, batch_size, aug=None, seed=0, workers=2, pin_memory=False):
+    ds = SeedMNIST(images, labels, torchvision_transform(aug))
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=gen,
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       persistent_workers=workers > 0)

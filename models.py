@@ -1,0 +1,272 @@
+"""The five MNIST models and their recipes, in one registry.
+
+Every model takes normalised images [N, 1, 28, 28] and returns log-probabilities [N, 10].
+A recipe is a plain dict; `documented` holds what the seed README states, `reconstructed`
+names the parts this project had to choose because the seed does not say.
+Sources: ../shared/seeds/ and ../shared/RECIPES.md.
+
+    python models.py [NAME]   per-layer summary of one model (or all five)
+"""
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def block(cin, cout, k=3, pad=0, drop=0.0, bn_first=False):
+    """Conv (no bias) then ReLU, BatchNorm, Dropout, the order seeds 000, 002 and 003 write;
+    bn_first=True gives seed 004's Conv, BatchNorm, ReLU."""
+    post = [nn.BatchNorm2d(cout), nn.ReLU()] if bn_first else [nn.ReLU(), nn.BatchNorm2d(cout)]
+    if drop:
+        post.append(nn.Dropout(drop))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=pad, bias=False), *post)
+
+
+class BnGap(nn.Module):
+    """Seed 000: ReLU+BN+Dropout(0.05) conv blocks, 1x1 convs for width, final conv, GAP.
+    The layers are not documented: this is our design in that family (18,304 params)."""
+
+    def __init__(self, drop=0.05):
+        super().__init__()
+        self.features = nn.Sequential(
+            block(1, 16, drop=drop),            # 26
+            block(16, 32, drop=drop),           # 24
+            nn.Conv2d(32, 12, 1, bias=False),   # 1x1 transition
+            nn.MaxPool2d(2),                    # 12
+            block(12, 16, drop=drop),           # 10
+            block(16, 16, drop=drop),           # 8
+            block(16, 24, drop=drop),           # 6
+            block(24, 24, pad=1, drop=drop),    # 6
+            nn.AdaptiveAvgPool2d(1),            # GAP
+            nn.Conv2d(24, 10, 1, bias=False),   # final 1x1 conv to the 10 classes
+        )
+
+    def forward(self, x):
+        return F.log_softmax(self.features(x).flatten(1), dim=1)
+
+
+class Conv4Fc(nn.Module):
+    """Seed 001: four 3x3 convs (no padding, bias) and one Linear, 24,552 params. The seed's
+    diagram puts pools after conv1, conv2 and conv4, which cannot give its 896 = 56x4x4
+    flatten; pools after conv2 and conv4 can (RECIPES.md)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3)
+        self.conv2 = nn.Conv2d(8, 16, 3)
+        self.conv3 = nn.Conv2d(16, 22, 3)
+        self.conv4 = nn.Conv2d(22, 56, 3)
+        self.fc1 = nn.Linear(56 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)   # 28 -> 24 -> 12
+        x = F.max_pool2d(F.relu(self.conv4(F.relu(self.conv3(x)))), 2)   # 12 -> 8 -> 4
+        return F.log_softmax(self.fc1(x.flatten(1)), dim=1)
+
+
+class Gap10k(nn.Module):
+    """Seed 002's layer table: 3x3 convs with padding 1 and bias, each followed by ReLU, BN,
+    Dropout(0.05); MaxPool then 1x1 transitions; 1x1 head then GAP. 9,798 params."""
+
+    def __init__(self, drop=0.05):
+        super().__init__()
+
+        def conv(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.BatchNorm2d(cout), nn.Dropout(drop))
+
+        self.features = nn.Sequential(
+            conv(1, 10), conv(10, 16),                  # 28
+            nn.MaxPool2d(2), nn.Conv2d(16, 10, 1),      # 14
+            conv(10, 16), conv(16, 16),
+            nn.MaxPool2d(2), nn.Conv2d(16, 10, 1),      # 7
+            conv(10, 16), conv(16, 16),
+            nn.Conv2d(16, 10, 1),
+            nn.AdaptiveAvgPool2d(1),
+        )
+
+    def forward(self, x):
+        return F.log_softmax(self.features(x).flatten(1), dim=1)
+
+
+class BnDrop(nn.Module):
+    """Seed 003: conv blocks with ReLU, BN, Dropout(0.1); 13,808 params documented, layers not.
+    Reconstruction: the common 1-16-32 | 1x1 -> 10, pool | 16-16-16-16 | GAP, 1x1 -> 10 layout,
+    which lands on exactly 13,808."""
+
+    def __init__(self, drop=0.1):
+        super().__init__()
+        self.features = nn.Sequential(
+            block(1, 16, drop=drop),            # 26
+            block(16, 32, drop=drop),           # 24
+            nn.Conv2d(32, 10, 1, bias=False),
+            nn.MaxPool2d(2),                    # 12
+            block(10, 16, drop=drop),           # 10
+            block(16, 16, drop=drop),           # 8
+            block(16, 16, drop=drop),           # 6
+            block(16, 16, pad=1, drop=drop),    # 6
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(16, 10, 1, bias=False),
+        )
+
+    def forward(self, x):
+        return F.log_softmax(self.features(x).flatten(1), dim=1)
+
+
+class BnFc(nn.Module):
+    """Seed 004: Conv-BN-ReLU blocks (bias on, as in the seed's count), two pools, a 2x2 conv
+    to 1x1, Linear 16 -> 10. 9,594 params."""
+
+    def __init__(self):
+        super().__init__()
+
+        def conv(cin, cout, k=3):
+            return nn.Sequential(nn.Conv2d(cin, cout, k), nn.BatchNorm2d(cout), nn.ReLU())
+
+        self.features = nn.Sequential(
+            conv(1, 8), conv(8, 16), nn.MaxPool2d(2),       # 26, 24, 12
+            conv(16, 16), conv(16, 16), nn.MaxPool2d(2),    # 10, 8, 4
+            conv(16, 16), conv(16, 16, k=2),                # 2, 1
+        )
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return F.log_softmax(self.fc(self.features(x).flatten(1)), dim=1)
+
+
+# The registry. Keys of a recipe:
+#   model        the nn.Module class
+#   optimizer    (name in torch.optim, kwargs)
+#   schedule     None or (name in torch.optim.lr_scheduler, kwargs, "batch" | "epoch")
+#                OneCycleLR gets total_steps filled in from epochs and steps per epoch.
+#   augment      data.augment dict: rotate (deg), translate (px), crop (size) with crop_p
+#   loss         every model ends in log_softmax, so the loss is NLL
+#   batch_size, epochs
+#   documented   the seed's figures: best_test_acc (%), best_epoch (1-based), params,
+#                seconds_per_epoch, seed file, and notes
+#   reconstructed  which parts are our choice, not the seed's
+RECIPES = {
+    "bn_gap": dict(
+        model=BnGap,
+        optimizer=("SGD", dict(lr=0.01, momentum=0.9)),
+        schedule=("OneCycleLR", dict(max_lr=0.1, pct_start=0.25, div_factor=10, final_div_factor=100), "batch"),
+        augment=dict(rotate=7),
+        loss="nll",
+        batch_size=128,
+        epochs=20,
+        documented=dict(best_test_acc=99.55, best_epoch=15, final_test_acc=99.54, params=None,
+                        seconds_per_epoch=None, seed="000_6c444237f28cae73.txt",
+                        notes="the seed's log counts epochs from 0: its 'Epoch 14' is the 15th"),
+        reconstructed=["layers", "params", "optimizer", "schedule", "augment", "batch_size"],
+    ),
+    "conv4_fc": dict(
+        model=Conv4Fc,
+        optimizer=("SGD", dict(lr=0.001, momentum=0.9)),
+        schedule=("StepLR", dict(step_size=15, gamma=0.1), "epoch"),
+        augment=dict(crop=22, crop_p=0.1, rotate=15),
+        loss="nll",  # the seed applies CrossEntropyLoss to log_softmax: log_softmax is idempotent, so that is NLL
+        batch_size=32,
+        epochs=1,
+        documented=dict(best_test_acc=95.21, best_epoch=1, params=24552, seconds_per_epoch=None,
+                        seed="001_14c6d933e153585f.txt",
+                        notes="95.21% was measured on the 60,000 training images, not the test set"),
+        reconstructed=["pool placement (the seed's diagram cannot give its 896-wide flatten)"],
+    ),
+    "gap10k": dict(
+        model=Gap10k,
+        optimizer=("SGD", dict(lr=0.015, momentum=0.9, weight_decay=1e-4)),
+        schedule=("OneCycleLR", dict(max_lr=0.015), "batch"),
+        augment=dict(rotate=7),
+        loss="nll",
+        batch_size=128,
+        epochs=19,
+        documented=dict(best_test_acc=99.38, best_epoch=16, final_test_acc=99.33, params=9798,
+                        seconds_per_epoch=21.5, seed="002_f505d3a248fa0eb2.txt",
+                        notes="about 21-22 s per epoch on CUDA"),
+        reconstructed=["OneCycleLR settings beyond max_lr (torch defaults)"],
+    ),
+    "bn_drop": dict(
+        model=BnDrop,
+        optimizer=("SGD", dict(lr=0.01, momentum=0.9)),
+        schedule=None,
+        augment={},
+        loss="nll",
+        batch_size=64,
+        epochs=20,
+        documented=dict(best_test_acc=99.44, best_epoch=15, final_test_acc=99.41, params=13808,
+                        seconds_per_epoch=None, seed="003_a3980a8fa7621995.txt",
+                        notes="the log's best is 99.44%; the README text says 'approximately 99.46%'"),
+        reconstructed=["layers (matched to the documented 13,808)", "no schedule, no augmentation (none mentioned)"],
+    ),
+    "bn_fc": dict(
+        model=BnFc,
+        optimizer=("Adagrad", dict(lr=0.1)),
+        schedule=("OneCycleLR", dict(max_lr=0.75, div_factor=7.5, pct_start=0.3, anneal_strategy="cos",
+                                     cycle_momentum=False), "batch"),
+        augment=dict(rotate=15, translate=2),
+        loss="nll",
+        batch_size=128,
+        epochs=10,
+        documented=dict(best_test_acc=99.64, best_epoch=10, final_test_acc=99.64, params=9594,
+                        seconds_per_epoch=86, seed="004_cdd6a8636d3ab82f.txt",
+                        notes="about 86 s per epoch, device not stated"),
+        reconstructed=["rotation and translation as one RandomAffine"],
+    ),
+}
+
+
+class UnknownModel(Exception):
+    pass
+
+
+def get_recipe(name):
+    if name not in RECIPES:
+        raise UnknownModel(f"unknown model '{name}'; choose one of: {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def build_model(name):
+    return get_recipe(name)["model"]()
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_optimizer(recipe, model, lr=None):
+    name, kw = recipe["optimizer"]
+    kw = dict(kw)
+    if lr is not None:
+        kw["lr"] = lr
+    return getattr(torch.optim, name)(model.parameters(), **kw)
+
+
+def build_schedule(recipe, optimizer, epochs, steps_per_epoch, lr=None):
+    """(scheduler or None, 'batch' | 'epoch'). --lr overrides OneCycleLR's max_lr."""
+    if recipe["schedule"] is None:
+        return None, "epoch"
+    name, kw, every = recipe["schedule"]
+    kw = dict(kw)
+    if name == "OneCycleLR":
+        kw["total_steps"] = epochs * steps_per_epoch
+        if lr is not None:
+            kw["max_lr"] = lr
+    return getattr(torch.optim.lr_scheduler, name)(optimizer, **kw), every
+
+
+def summary(name):
+    """torchinfo's per-layer table (layer, output shape, params), as the seeds' torchsummary."""
+    from torchinfo import summary as info
+    return info(build_model(name), input_size=(1, 1, 28, 28), col_names=("output_size", "num_params"),
+                depth=3, verbose=0, device="cpu")
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(RECIPES)
+    for n in names:
+        if n not in RECIPES:
+            sys.exit(f"error: unknown model '{n}'; choose one of: {', '.join(RECIPES)}")
+    for n in names:
+        print(f"{n}  (seed {RECIPES[n]['documented']['seed']})")
+        print(summary(n))
+        print()
