@@ -1,0 +1,246 @@
+"""Evaluate a checkpoint or an exported model on the 10,000 MNIST test images.
+
+    python evaluate.py --model gap10k                     # best.pt of runs/gap10k/latest
+    python evaluate.py --checkpoint pretrained/bn_fc.pt
+    python evaluate.py --artifact exports/bn_gap.onnx     # judged on the same footing
+
+Prints a classification report and per-class accuracy; writes report.json, confusion.png,
+mistakes.png, curves.png (for a run folder) and one self-contained report.html into --out
+(default: the run folder of the checkpoint, else <file>-eval/ beside it).
+"""
+import argparse
+import base64
+import csv
+import html
+import io
+import json
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
+
+import data  # noqa: E402
+import export  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+
+DIGITS = list(range(10))
+
+
+def report(labels, logp):
+    """Every figure of the report from true labels and log-probabilities (CPU tensors)."""
+    y, pred = labels.numpy(), logp.argmax(1).numpy()
+    cls = classification_report(y, pred, labels=DIGITS, digits=4, output_dict=True, zero_division=0)
+    cm = confusion_matrix(y, pred, labels=DIGITS)
+    correct = int((pred == y).sum())
+    return {
+        "images": len(y),
+        "correct": correct,
+        "accuracy": round(100 * correct / len(y), 2),
+        "test_loss": round(float(torch.nn.functional.nll_loss(logp, labels)), 6),
+        "per_class": {str(d): {"precision": cls[str(d)]["precision"], "recall": cls[str(d)]["recall"],
+                               "f1": cls[str(d)]["f1-score"], "support": int(cls[str(d)]["support"]),
+                               "accuracy": round(100 * cm[d, d] / max(cm[d].sum(), 1), 2)} for d in DIGITS},
+        "macro_avg": {k.replace("-score", ""): v for k, v in cls["macro avg"].items()},
+        "weighted_avg": {k.replace("-score", ""): v for k, v in cls["weighted avg"].items()},
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def report_text(r):
+    lines = [f"{'digit':>12} {'precision':>10} {'recall':>10} {'f1':>10} {'support':>8} {'accuracy':>9}"]
+    for d, c in r["per_class"].items():
+        lines.append(f"{d:>12} {c['precision']:10.4f} {c['recall']:10.4f} {c['f1']:10.4f} {c['support']:8d} "
+                     f"{c['accuracy']:8.2f}%")
+    for name in ("macro_avg", "weighted_avg"):
+        a = r[name]
+        lines.append(f"{name.replace('_', ' '):>12} {a['precision']:10.4f} {a['recall']:10.4f} {a['f1']:10.4f} "
+                     f"{int(a['support']):8d}")
+    lines.append(f"{'accuracy':>12} {r['correct']}/{r['images']} = {r['accuracy']:.2f}%   test loss {r['test_loss']:.4f}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- figures
+
+def plot_confusion(cm):
+    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    im = ax.imshow(cm, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=1, vmax=max(cm.max(), 2)))
+    for i in DIGITS:
+        for j in DIGITS:
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if cm[i, j] > cm.max() / 10 else "black")
+    ax.set(xticks=DIGITS, yticks=DIGITS, xlabel="predicted", ylabel="true", title="Confusion matrix (test set)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mistakes(images, labels, logp, n=24):
+    """The n most confident mistakes: image, true label, predicted label, confidence."""
+    conf, pred = logp.exp().max(1)
+    wrong = (pred != labels).nonzero().flatten()
+    order = wrong[conf[wrong].argsort(descending=True)][:n]
+    cols = 8
+    rows = max(1, (len(order) + cols - 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order.tolist()):
+        ax.imshow(images[i], cmap="gray")
+        ax.set_title(f"true {labels[i].item()} pred {pred[i].item()}\n{100 * conf[i].item():.1f}%", fontsize=8)
+    fig.suptitle(f"Most confident mistakes ({len(wrong)} in all)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def plot_curves(rows):
+    ep = [int(r["epoch"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    a.plot(ep, [float(r["train_loss"]) for r in rows], "o-", label="train")
+    a.plot(ep, [float(r["test_loss"]) for r in rows], "o-", label="test")
+    a.set(xlabel="epoch", ylabel="loss", title="Loss")
+    b.plot(ep, [float(r["train_acc"]) for r in rows], "o-", label="train")
+    b.plot(ep, [float(r["test_acc"]) for r in rows], "o-", label="test")
+    b.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def png_bytes(fig):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------- HTML
+
+def table(rows, header):
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def render_html(title, r, source, name, summary, metrics_rows, pngs):
+    doc = models.RECIPES[name]["documented"] if name in models.RECIPES else {}
+    img = {k: f'<img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}">' for k, v in pngs.items()}
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             "<h2>Result</h2>",
+             table([["test accuracy (this evaluation)", f"{r['accuracy']:.2f}% ({r['correct']}/{r['images']})"],
+                    ["test loss", f"{r['test_loss']:.4f}"],
+                    ["best test accuracy (training run)", f"{summary['best_test_acc']:.2f}% at epoch "
+                     f"{summary['best_epoch']}" if summary else "-"],
+                    ["documented by the seed", f"{doc.get('best_test_acc')}% at epoch {doc.get('best_epoch')}"
+                     + (f" ({doc['notes']})" if doc.get("notes") else "")],
+                    ["source", source]], ["", ""])]
+    if summary:
+        keep = ["model", "params", "device_name", "pipeline", "batch_size", "epochs", "seed", "lr", "subset",
+                "python", "torch", "torchvision", "git_commit", "command", "wall_seconds", "reconstructed"]
+        parts += ["<h2>Run configuration</h2>", table([[k, summary.get(k)] for k in keep], ["", ""])]
+    if name in models.RECIPES:
+        parts += ["<h2>Model</h2>", f"<pre>{html.escape(str(models.summary(name)))}</pre>"]
+    if metrics_rows:
+        parts += ["<h2>Training curves</h2>", img.get("curves", ""), "<h2>Epochs</h2>",
+                  table([[r[k] for k in train.METRICS] for r in metrics_rows], train.METRICS)]
+    parts += ["<h2>Classification report</h2>", f"<pre>{html.escape(report_text(r))}</pre>",
+              "<h2>Confusion matrix</h2>", img["confusion"],
+              "<h2>Most confident mistakes</h2>", img["mistakes"]]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;"
+             "font-size:13px;text-align:right}td:first-child{text-align:left}img{max-width:100%}"
+             "pre{background:#f6f6f6;padding:8px;font-size:12px;overflow-x:auto}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+# ------------------------------------------------------------------------------- main
+
+def evaluate(source_path, kind, out, data_dir, device):
+    """kind: 'checkpoint' or 'artifact'. Writes the report files into `out`, returns the report dict."""
+    images, labels = data.load("test", data_dir)
+    run_dir, summary, recorded = None, None, None
+    if kind == "artifact":
+        if not os.path.isfile(source_path):
+            raise train.UsageError(f"artifact {source_path} does not exist")
+        try:
+            name = export.artifact_metadata(source_path).get("model", "?")
+            logp = export.predict_artifact(source_path, images.unsqueeze(1).float() / 255)
+        except Exception as e:
+            raise train.UsageError(f"cannot run {source_path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    else:
+        ckpt = train.load_checkpoint(source_path)
+        name, recorded = ckpt["model_name"], ckpt["test_acc"]
+        model = train.model_from_checkpoint(ckpt).to(device)
+        logp = train.predict(model, data.normalize(images).to(device))
+        if os.path.isfile(os.path.join(os.path.dirname(source_path), "metrics.csv")):
+            run_dir = os.path.dirname(source_path)
+    r = report(labels, logp)
+    r.update(model=name, source=source_path, recorded_accuracy=recorded)
+    if run_dir and os.path.isfile(os.path.join(run_dir, "summary.json")):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            summary = json.load(f)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise train.UsageError(f"cannot write to output folder {out}: {e.strerror}") from None
+    pngs = {"confusion": png_bytes(plot_confusion(confusion_matrix(labels.numpy(), logp.argmax(1).numpy(),
+                                                                   labels=DIGITS))),
+            "mistakes": png_bytes(plot_mistakes(images, labels, logp))}
+    rows = read_metrics(run_dir) if run_dir else []
+    if rows:
+        pngs["curves"] = png_bytes(plot_curves(rows))
+    for k, v in pngs.items():
+        train.atomic_write(os.path.join(out, k + ".png"), lambda f, v=v: f.write(v))
+    train.save_text(json.dumps(r, indent=2) + "\n", os.path.join(out, "report.json"))
+    page = render_html(f"{name}: MNIST test-set evaluation", r, source_path, name, summary, rows, pngs)
+    train.save_text(page, os.path.join(out, "report.html"))
+    return r
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint or an exported model on the MNIST test set.")
+    p.add_argument("--model", default="bn_gap", help="use the best.pt of runs/<model>/latest (default bn_gap)")
+    p.add_argument("--checkpoint", help="a checkpoint written by train.py")
+    p.add_argument("--artifact", help="an .onnx or .torchscript.pt file written by export.py")
+    p.add_argument("--out", help="output folder (default: the run folder, else <file>-eval/)")
+    p.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, then ./data)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (checkpoints only)")
+    args = p.parse_args(argv)
+    try:
+        models.get_recipe(args.model)
+        if args.artifact:
+            path, kind = args.artifact, "artifact"
+        else:
+            path, kind = export.find_checkpoint(args.model, args.checkpoint), "checkpoint"
+        has_run = kind == "checkpoint" and os.path.isfile(os.path.join(os.path.dirname(path), "metrics.csv"))
+        out = args.out or (os.path.dirname(path) if has_run else os.path.splitext(path)[0] + "-eval")
+        r = evaluate(path, kind, out, args.data_dir, train.get_device(args.device))
+    except (train.UsageError, data.DataError, models.UnknownModel) as e:
+        sys.exit(f"error: {e}")
+    print(f"{r['model']} from {path}")
+    print(report_text(r))
+    if r["recorded_accuracy"] is not None:
+        same = "matches" if r["recorded_accuracy"] == r["accuracy"] else "DIFFERS FROM"
+        print(f"{same} the accuracy train.py recorded for this checkpoint: {r['recorded_accuracy']:.2f}%")
+    print(f"wrote {out}/report.html, report.json, confusion.png, mistakes.png"
+          + (", curves.png" if os.path.isfile(os.path.join(out, "curves.png")) else ""))
+
+
+if __name__ == "__main__":
+    main()

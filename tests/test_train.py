@@ -1,0 +1,73 @@
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import train
+
+
+def run(tmp_path, mnist_dir, *extra, name="run"):
+    args = train.parse_args(["--model", "gap10k", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "512",
+                             "--epochs", "1", "--no-progress", "--out", str(tmp_path / name), *extra])
+    return train.run(args), tmp_path / name
+
+
+def rows(folder):
+    with open(folder / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_same_seed_same_numbers(tmp_path, mnist_dir):
+    _, a = run(tmp_path, mnist_dir, "--epochs", "2", name="a")
+    _, b = run(tmp_path, mnist_dir, "--epochs", "2", name="b")
+    _, c = run(tmp_path, mnist_dir, "--epochs", "2", "--seed", "2", name="c")
+    cols = ["train_loss", "train_acc", "test_loss", "test_acc"]
+    ra, rb, rc = rows(a), rows(b), rows(c)
+    assert [[r[k] for k in cols] for r in ra] == [[r[k] for k in cols] for r in rb]
+    assert [[r[k] for k in cols] for r in ra] != [[r[k] for k in cols] for r in rc]
+    wa, wb = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, b))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_outputs_and_summary(tmp_path, mnist_dir):
+    summary, out = run(tmp_path, mnist_dir, "--epochs", "2")
+    assert rows(out)[0].keys() == set(train.METRICS)
+    assert len(rows(out)) == 2
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("best_test_acc", "best_epoch", "final_test_acc", "documented", "params", "python", "torch",
+                "torchvision", "device_name", "git_commit", "command", "seed", "wall_seconds"):
+        assert key in s
+    assert s["params"] == 9798 and s["documented"]["best_test_acc"] == 99.38
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["test_acc"] == s["best_test_acc"] and best["epoch"] == s["best_epoch"]
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_best_saved_only_on_improvement(tmp_path, mnist_dir, monkeypatch):
+    """Scripted test accuracies 50, 70, 60, 70: best.pt is written at epochs 1 and 2 only."""
+    accs = iter([50.0, 70.0, 60.0, 70.0])
+    real_score = train.score
+    monkeypatch.setattr(train, "score", lambda logp, y: (*real_score(logp, y)[:2], next(accs)))
+    writes = []
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint",
+                        lambda obj, path: (writes.append((os.path.basename(path), obj["epoch"])), real_save(obj, path)))
+    summary, out = run(tmp_path, mnist_dir, "--epochs", "4", "--subset", "128")
+    assert [w for w in writes if w[0] == "best.pt"] == [("best.pt", 1), ("best.pt", 2)]
+    assert [w for w in writes if w[0] == "last.pt"] == [("last.pt", e) for e in (1, 2, 3, 4)]
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
+    assert (summary["best_test_acc"], summary["best_epoch"], summary["final_test_acc"]) == (70.0, 2, 70.0)
+
+
+def test_torchvision_pipeline_trains(tmp_path, mnist_dir):
+    summary, out = run(tmp_path, mnist_dir, "--pipeline", "torchvision", "--workers", "0", "--subset", "256")
+    assert summary["pipeline"] == "torchvision" and len(rows(out)) == 1
+
+
+def test_training_learns(tmp_path, mnist_dir):
+    """bn_fc on 4,096 images for one epoch is far above chance (10%) on the real test set."""
+    args = train.parse_args(["--model", "bn_fc", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "4096",
+                             "--epochs", "1", "--no-progress", "--out", str(tmp_path / "learn")])
+    assert train.run(args)["best_test_acc"] > 50
