@@ -91,7 +91,7 @@ def plot_mistakes(images, labels, logp, n=24):
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, order.tolist()):
-        ax.imshow(images[i], cmap="gray")
+        ax.imshow(images[i].numpy(), cmap="gray")
         ax.set_title(f"true {labels[i].item()} pred {pred[i].item()}\n{100 * conf[i].item():.1f}%", fontsize=8)
     fig.suptitle(f"Most confident mistakes ({len(wrong)} in all)", fontsize=10)
     fig.tight_layout()

@@ -27,7 +27,7 @@ import train
 
 CLASSES = [str(d) for d in range(10)]
 # TorchScript is deprecated in favour of torch.export, but it is a format this project ships.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 

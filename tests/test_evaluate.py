@@ -1,0 +1,45 @@
+import json
+
+import pytest
+import torch
+
+import evaluate
+import export
+import train
+
+
+def test_report_numbers_on_a_hand_checked_case():
+    # 10 images: digit 0 x4, 1 x3, 2 x3. Predictions: 0 0 0 1 | 1 1 2 | 2 2 0
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    pred = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 0])
+    logp = torch.log_softmax(torch.nn.functional.one_hot(pred, 10).float() * 5, 1)
+    r = evaluate.report(labels, logp)
+    assert (r["correct"], r["accuracy"]) == (7, 70.0)
+    c0, c1, c2 = (r["per_class"][d] for d in "012")
+    assert (c0["precision"], c0["recall"], c0["support"]) == (0.75, 0.75, 4)       # 3 of 4 predicted 0 are 0
+    assert (c1["precision"], c1["recall"]) == (2 / 3, 2 / 3)
+    assert (c2["precision"], c2["recall"]) == (2 / 3, 2 / 3)
+    assert c2["f1"] == pytest.approx(2 / 3) and c0["accuracy"] == 75.0
+    assert r["confusion_matrix"][0][:3] == [3, 1, 0] and r["confusion_matrix"][2][:3] == [1, 0, 2]
+    # averages run over all ten digits; the seven absent here count as 0 in the macro average
+    assert r["macro_avg"]["recall"] == pytest.approx((0.75 + 2 / 3 + 2 / 3) / 10)
+    assert r["weighted_avg"]["recall"] == pytest.approx(0.7)
+
+
+def test_checkpoint_report_matches_training_and_html_embeds_images(trained, mnist_dir):
+    r = evaluate.evaluate(str(trained / "best.pt"), "checkpoint", str(trained), mnist_dir, torch.device("cpu"))
+    assert r["accuracy"] == r["recorded_accuracy"] == json.loads((trained / "summary.json").read_text())["best_test_acc"]
+    page = (trained / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3           # curves, confusion matrix, mistakes
+    assert "src=\"http" not in page and "<link" not in page     # self-contained
+    assert "99.64%" in page                                      # the documented figure beside ours
+    for name in ("confusion.png", "mistakes.png", "curves.png", "report.json"):
+        assert (trained / name).stat().st_size > 0
+
+
+def test_artifact_scores_like_its_checkpoint(trained, mnist_dir, tmp_path):
+    ckpt = train.load_checkpoint(str(trained / "best.pt"))
+    path, _ = export.export(ckpt, "torchscript", str(tmp_path), 18, mnist_dir, 1e-4)
+    r = evaluate.evaluate(path, "artifact", str(tmp_path / "eval"), mnist_dir, torch.device("cpu"))
+    assert r["accuracy"] == ckpt["test_acc"] and r["model"] == "bn_fc"
+    assert "data:image/png;base64," in (tmp_path / "eval" / "report.html").read_text()
