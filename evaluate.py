@@ -233,6 +233,8 @@ def main(argv=None):
         r = evaluate(path, kind, out, args.data_dir, train.get_device(args.device))
     except (train.UsageError, data.DataError, models.UnknownModel) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
     print(f"{r['model']} from {path}")
     print(report_text(r))
     if r["recorded_accuracy"] is not None:

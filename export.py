@@ -185,6 +185,8 @@ def main(argv=None):
                   f"accuracy {f['accuracy']:.2f}%")
     except (train.UsageError, data.DataError, models.UnknownModel) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
 
 
 if __name__ == "__main__":

@@ -141,6 +141,8 @@ def main(argv=None):
         print(open("REPRODUCTION.md").read())
     except (train.UsageError, data.DataError, models.UnknownModel) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
 
 
 if __name__ == "__main__":

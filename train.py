@@ -9,14 +9,17 @@ metrics.csv, best.pt (on every test-accuracy improvement), last.pt (every epoch)
 Every file is written to a temp file and renamed, so a kill leaves the old or the new one.
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -51,6 +54,22 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def defer_sigint():
+    """Hold Ctrl-C while an epoch's files are written, so they always form a consistent set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def save_checkpoint(obj, path):
@@ -319,25 +338,26 @@ def run(args):
         history.append(dict(epoch=epoch, train_loss=round(train_loss, 6), train_acc=round(train_acc, 4),
                             test_loss=round(test_loss, 6), test_acc=test_acc, lr=lr,
                             seconds=round(seconds, 3), images_per_s=round(seen / seconds, 1)))
-        state = dict(model_name=args.model, model={k: v.cpu() for k, v in model.state_dict().items()},
-                     epoch=epoch, test_acc=test_acc, params=n_params)
-        if test_acc > best_acc:
-            best_acc, best_epoch = test_acc, epoch
-            save_checkpoint(state, os.path.join(out, "best.pt"))
-        save_checkpoint(dict(state, optimizer=optimizer.state_dict(),
-                             scheduler=scheduler.state_dict() if scheduler is not None else None,
-                             rng=dict(torch=torch.get_rng_state(), data=gen.get_state().cpu(),
-                                      cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None),
-                             history=history, best_acc=best_acc, best_epoch=best_epoch,
-                             args=vars(args)), os.path.join(out, "last.pt"))
-        save_text(metrics_csv(history), os.path.join(out, "metrics.csv"))
-        summary = dict(info, best_test_acc=best_acc, best_epoch=best_epoch, final_test_acc=test_acc,
-                       epochs_done=epoch, documented=recipe["documented"], reconstructed=recipe["reconstructed"],
-                       python=platform.python_version(), torch=torch.__version__,
-                       torchvision=__import__("torchvision").__version__, git_commit=git_commit(),
-                       command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-                       wall_seconds=round(time.time() - t_run, 1), lr=args.lr, subset=args.subset)
-        save_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, "summary.json"))
+        with defer_sigint():
+            state = dict(model_name=args.model, model={k: v.cpu() for k, v in model.state_dict().items()},
+                         epoch=epoch, test_acc=test_acc, params=n_params)
+            if test_acc > best_acc:
+                best_acc, best_epoch = test_acc, epoch
+                save_checkpoint(state, os.path.join(out, "best.pt"))
+            save_checkpoint(dict(state, optimizer=optimizer.state_dict(),
+                                 scheduler=scheduler.state_dict() if scheduler is not None else None,
+                                 rng=dict(torch=torch.get_rng_state(), data=gen.get_state().cpu(),
+                                          cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None),
+                                 history=history, best_acc=best_acc, best_epoch=best_epoch,
+                                 args=vars(args)), os.path.join(out, "last.pt"))
+            save_text(metrics_csv(history), os.path.join(out, "metrics.csv"))
+            summary = dict(info, best_test_acc=best_acc, best_epoch=best_epoch, final_test_acc=test_acc,
+                           epochs_done=epoch, documented=recipe["documented"], reconstructed=recipe["reconstructed"],
+                           python=platform.python_version(), torch=torch.__version__,
+                           torchvision=__import__("torchvision").__version__, git_commit=git_commit(),
+                           command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+                           wall_seconds=round(time.time() - t_run, 1), lr=args.lr, subset=args.subset)
+            save_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, "summary.json"))
     print(f"best test accuracy {best_acc:.2f}% at epoch {best_epoch} "
           f"(documented {recipe['documented']['best_test_acc']}% at epoch {recipe['documented']['best_epoch']}); "
           f"run folder {out}")
@@ -352,8 +372,11 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except Diverged as e:
         sys.exit(f"error: {e}; stopped, the last good checkpoint is kept")
+    except OSError as e:
+        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: last.pt holds the last finished epoch; continue with --resume")
+        print("\ninterrupted: last.pt holds the last finished epoch; continue with --resume RUN_DIR", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

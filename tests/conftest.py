@@ -15,7 +15,7 @@ def mnist_dir():
     import data
     if not data.has_mnist(folder):
         pytest.fail(f"real MNIST not found in {folder}: set MNIST_DIR to the folder of the four IDX files")
-    return folder
+    return os.path.abspath(folder)
 
 
 @pytest.fixture(scope="session")

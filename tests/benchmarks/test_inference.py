@@ -1,0 +1,50 @@
+"""Inference micro-benchmarks (not in the default run):
+
+    pytest tests/benchmarks --benchmark-autosave            # save under .benchmarks/
+    pytest tests/benchmarks --benchmark-compare             # compare with the last saved run
+"""
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import export
+import models
+
+NAMES = list(models.RECIPES)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def exported(request, tmp_path_factory):
+    name = request.param
+    model = models.build_model(name).eval()
+    module = export.Exportable(model).eval()
+    path = str(tmp_path_factory.mktemp("bench") / f"{name}.onnx")
+    export.export_onnx(module, path, export.metadata(dict(model_name=name, test_acc=0.0, epoch=0)), 18)
+    return name, module, path
+
+
+@pytest.mark.parametrize("batch", [1, 1024])
+@pytest.mark.parametrize("threads", [1, None])
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "onnxruntime"])
+def test_infer(benchmark, exported, backend, batch, threads):
+    name, module, path = exported
+    threads = threads or torch.get_num_threads()
+    benchmark.group = f"{name} batch {batch} threads {threads}"
+    x = torch.rand(batch, 1, 28, 28)
+    if backend == "onnxruntime":
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        a = x.numpy()
+        out = benchmark(lambda: sess.run(None, {"image": a})[0])
+    else:
+        fn = torch.jit.freeze(torch.jit.script(module)) if backend == "torchscript" else module
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                out = benchmark(lambda: fn(x)).numpy()
+        finally:
+            torch.set_num_threads(old)
+    assert out.shape == (batch, 10) and np.isfinite(out).all()

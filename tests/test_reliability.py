@@ -1,0 +1,148 @@
+"""Crash safety, exact resume, safe loading, and one-line errors for bad input."""
+import csv
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STABLE = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]  # all but the timings
+
+
+def cli(script, *args, cwd, mnist_dir, wait=True):
+    env = dict(os.environ, MNIST_DIR=mnist_dir, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(ROOT, script), *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def metrics(folder):
+    with open(os.path.join(folder, "metrics.csv")) as f:
+        return [{k: r[k] for k in STABLE} for r in csv.DictReader(f)]
+
+
+def check_files_whole(folder):
+    """Every output file parses: nothing truncated, no temp file left behind."""
+    for name in ("best.pt", "last.pt"):
+        if os.path.exists(os.path.join(folder, name)):
+            train.load_checkpoint(os.path.join(folder, name))
+    json.load(open(os.path.join(folder, "summary.json")))
+    metrics(folder)
+
+
+TRAIN = ["--model", "gap10k", "--subset", "3072", "--epochs", "3", "--device", "cpu", "--no-progress"]
+
+
+def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, mnist_dir):
+    full = cli("train.py", *TRAIN, "--out", "full", cwd=tmp_path, mnist_dir=mnist_dir)
+    assert full.returncode == 0, full.stderr
+    proc = cli("train.py", *TRAIN, "--out", "cut", cwd=tmp_path, mnist_dir=mnist_dir, wait=False)
+    csv_path = tmp_path / "cut" / "metrics.csv"
+    deadline = time.time() + 240
+    while not (csv_path.exists() and len(csv_path.read_text().splitlines()) == 2):  # epoch 1 written
+        assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.02)
+    time.sleep(0.3)                         # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    check_files_whole(tmp_path / "cut")
+    assert len(metrics(tmp_path / "cut")) == 1
+    resumed = cli("train.py", "--resume", "cut", "--device", "cpu", "--no-progress", cwd=tmp_path, mnist_dir=mnist_dir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert metrics(tmp_path / "cut") == metrics(tmp_path / "full")
+    a = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_stops_cleanly(tmp_path, mnist_dir):
+    proc = cli("train.py", *TRAIN, "--out", "run", cwd=tmp_path, mnist_dir=mnist_dir, wait=False)
+    csv_path = tmp_path / "run" / "metrics.csv"
+    deadline = time.time() + 240
+    while not csv_path.exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "--resume" in err
+    check_files_whole(tmp_path / "run")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_checkpoint_that_runs_code_is_refused(tmp_path, mnist_dir):
+    path = tmp_path / "evil.pt"
+    torch.save({"model_name": "gap10k", "model": {}, "x": Evil()}, path)
+    r = cli("evaluate.py", "--checkpoint", str(path), cwd=tmp_path, mnist_dir=mnist_dir)
+    assert r.returncode != 0 and "could run code" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(train.UsageError, match="could run code"):
+        train.load_checkpoint(str(path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_nan_loss_stops_at_once(tmp_path, mnist_dir):
+    r = cli("train.py", "--model", "conv4_fc", "--lr", "1e12", "--subset", "512", "--epochs", "1", "--device", "cpu",
+            "--no-progress", "--out", "nan", cwd=tmp_path, mnist_dir=mnist_dir)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "at epoch 1, step" in r.stderr and ("nan" in r.stderr or "inf" in r.stderr)
+    assert not (tmp_path / "nan" / "best.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, mnist_dir, trained):
+    """A folder with a truncated IDX file, and a few bad checkpoints."""
+    d = tmp_path_factory.mktemp("broken")
+    (d / "mnist").mkdir()
+    for f in os.listdir(mnist_dir):
+        if f.endswith(".gz"):
+            shutil.copy(os.path.join(mnist_dir, f), d / "mnist" / f)
+    raw = gzip.decompress((d / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes())
+    (d / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[:5000]))
+    good = (trained / "best.pt").read_bytes()
+    (d / "truncated.pt").write_bytes(good[:len(good) // 2])
+    (d / "text.pt").write_text("hello")
+    return d
+
+
+BAD_INPUT = [  # (script, args, what the one line must say)
+    ("train.py", ["--model", "resnet"], "unknown model 'resnet'; choose one of: bn_gap"),
+    ("train.py", ["--data-dir", "/nonexistent"], "/nonexistent does not exist"),
+    ("train.py", ["--data-dir", "{broken}/mnist"], "t10k-images-idx3-ubyte.gz in"),
+    ("evaluate.py", ["--checkpoint", "{broken}/truncated.pt"], "cannot read checkpoint"),
+    ("evaluate.py", ["--checkpoint", "{broken}/text.pt"], "cannot read checkpoint"),
+    ("evaluate.py", ["--checkpoint", "{broken}/missing.pt"], "does not exist"),
+    ("export.py", ["--model", "gap10k", "--checkpoint", "{trained}/best.pt"], "holds a bn_fc model, not gap10k"),
+    ("train.py", ["--out", "/proc/no/such/place"], "cannot write to output folder"),
+    ("train.py", ["--epochs", "0"], "--epochs must be at least 1"),
+    ("train.py", ["--batch-size", "-3"], "--batch-size must be at least 1"),
+    ("train.py", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+    ("train.py", ["--resume", "{broken}"], "nothing to resume"),
+]
+
+
+@pytest.mark.parametrize("script, args, message", BAD_INPUT, ids=[f"{s}:{' '.join(a)}" for s, a, _ in BAD_INPUT])
+def test_bad_input_one_line(tmp_path, mnist_dir, broken, trained, script, args, message):
+    args = [a.format(broken=broken, trained=trained) for a in args]
+    r = cli(script, *args, "--device", "cpu", cwd=tmp_path, mnist_dir=mnist_dir) if "--device" not in args and \
+        script != "export.py" else cli(script, *args, cwd=tmp_path, mnist_dir=mnist_dir)
+    err = r.stderr.strip()
+    assert r.returncode != 0
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and message.format(broken=broken) in err, err
+    leftovers = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path) for f in fs]
+    assert not [f for f in leftovers if f.endswith((".pt", ".tmp", ".onnx"))]
