@@ -1,0 +1,37 @@
+"""The committed pretrained/<name>.pt weights score on the real test set exactly what
+REPRODUCTION.md records for them (seed 1's best), to the image."""
+import os
+import re
+
+import pytest
+import torch
+
+import data
+import models
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def recorded():
+    text = open(os.path.join(ROOT, "REPRODUCTION.md")).read()
+    rows = re.findall(r"^\| (\w+) \| [\d,]+ \| [\d.]+% \(\d+\) \| ([\d.]+)% \((\d+)\) \|", text, re.M)
+    return {name: (float(acc), int(epoch)) for name, acc, epoch in rows}
+
+
+def test_every_recipe_is_recorded():
+    assert sorted(recorded()) == sorted(models.RECIPES)
+
+
+@pytest.mark.parametrize("name", list(models.RECIPES))
+def test_pretrained_matches_reproduction(name, mnist_dir):
+    path = os.path.join(ROOT, "pretrained", name + ".pt")
+    ckpt = torch.load(path, weights_only=True)
+    assert set(ckpt) == {"model_name", "model", "epoch", "test_acc", "params"}
+    model = train.model_from_checkpoint(ckpt)
+    x, y = data.load("test", mnist_dir)
+    _, correct, acc = train.score(train.predict(model, data.normalize(x)), y)
+    best, epoch = recorded()[name]
+    assert correct == round(best * 100)          # 10,000 images: 0.01% is one image
+    assert (acc, ckpt["epoch"]) == (best, epoch)
+    assert os.path.getsize(path) < 200_000
