@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 import data
@@ -238,7 +237,7 @@ def main(argv=None):
     p.add_argument("--json", help="write {environment, records} here")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed pipeline")
     args = p.parse_args(argv)
-    try:
+    with train.one_line_errors():
         names = args.model or (["gap10k"] if args.quick else list(models.RECIPES))
         for n in names:
             models.get_recipe(n)
@@ -249,8 +248,6 @@ def main(argv=None):
                       (["mps"] if torch.backends.mps.is_available() else [])
             devices = [torch.device(d) for d in (["cpu"] if args.quick else present)]
         images, labels = data.load("train", args.data_dir)
-    except (train.UsageError, data.DataError, models.UnknownModel) as e:
-        sys.exit(f"error: {e}")
     cores = os.cpu_count()
     steps, repeats, calls = (30, 3, 200) if args.quick else (100, 5, 1000)
     threads_list = sorted({1, cores})

@@ -15,7 +15,6 @@ import html
 import io
 import json
 import os
-import sys
 
 import matplotlib
 matplotlib.use("Agg")
@@ -87,7 +86,7 @@ def plot_mistakes(images, labels, logp, n=24):
     order = wrong[conf[wrong].argsort(descending=True)][:n]
     cols = 8
     rows = max(1, (len(order) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.55), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.35, rows * 1.75), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, order.tolist()):
@@ -222,7 +221,7 @@ def main(argv=None):
     p.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, then ./data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (checkpoints only)")
     args = p.parse_args(argv)
-    try:
+    with train.one_line_errors():
         models.get_recipe(args.model)
         if args.artifact:
             path, kind = args.artifact, "artifact"
@@ -231,10 +230,6 @@ def main(argv=None):
         has_run = kind == "checkpoint" and os.path.isfile(os.path.join(os.path.dirname(path), "metrics.csv"))
         out = args.out or (os.path.dirname(path) if has_run else os.path.splitext(path)[0] + "-eval")
         r = evaluate(path, kind, out, args.data_dir, train.get_device(args.device))
-    except (train.UsageError, data.DataError, models.UnknownModel) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
     print(f"{r['model']} from {path}")
     print(report_text(r))
     if r["recorded_accuracy"] is not None:

@@ -14,7 +14,6 @@ prediction matches PyTorch and log-probabilities agree within --tolerance.
 import argparse
 import json
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -172,7 +171,7 @@ def main(argv=None):
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |log-prob difference| allowed")
     p.add_argument("--data-dir", help="MNIST folder for the verification (default: $MNIST_DIR, then ./data)")
     args = p.parse_args(argv)
-    try:
+    with train.one_line_errors():
         if args.model:
             models.get_recipe(args.model)
         path = find_checkpoint(args.model or "bn_gap", args.checkpoint)
@@ -183,10 +182,6 @@ def main(argv=None):
             print(f"{fmt:12s} {out}: {f['same_predictions']}/{f['images']} predictions match PyTorch, "
                   f"max |log-prob diff| {f['max_abs_diff']:.2e} (batch 1: {f['batch1_max_abs_diff']:.2e}), "
                   f"accuracy {f['accuracy']:.2f}%")
-    except (train.UsageError, data.DataError, models.UnknownModel) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,14 @@
     python reproduce.py --seeds 3 --models gap10k bn_fc
 
 Runs go to runs/reproduce/<model>-seed<k>/; a finished run is not trained again, so the
-command can be stopped and restarted. The best.pt of each recipe's first seed becomes
+command can be stopped and restarted, and further seeds finished earlier (say by
+`--models bn_fc --seeds 3`) count in the mean and spread. The best.pt of each recipe's first seed becomes
 pretrained/<model>.pt (weights only, weights_only-loadable).
 """
 import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -104,7 +104,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir")
     args = p.parse_args(argv)
-    try:
+    with train.one_line_errors():
         for name in args.models:
             models.get_recipe(name)
         device = train.get_device(args.device)
@@ -115,11 +115,14 @@ def main(argv=None):
         for name in args.models:
             epochs = models.RECIPES[name]["epochs"]
             results[name] = []
-            for seed in range(1, seeds + 1):
+            seed = 1
+            # the requested seeds, then any further seeds already finished on disk
+            while seed <= seeds or finished(run_dir(name, seed), epochs):
                 out = run_dir(name, seed)
                 s = finished(out, epochs)
+                seed += 1
                 if s is None:
-                    targs = train.parse_args(["--model", name, "--seed", str(seed), "--device", args.device,
+                    targs = train.parse_args(["--model", name, "--seed", str(seed - 1), "--device", args.device,
                                               "--out", out, "--no-progress"]
                                              + (["--data-dir", args.data_dir] if args.data_dir else []))
                     s = train.run(targs)
@@ -139,10 +142,6 @@ def main(argv=None):
                f"(this invocation: {(time.time() - t0) / 60:.1f} min)"
         write_report(results, seeds, label, wall, extra)
         print(open("REPRODUCTION.md").read())
-    except (train.UsageError, data.DataError, models.UnknownModel) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
 
 
 if __name__ == "__main__":

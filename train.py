@@ -336,7 +336,7 @@ def run(args):
               f"Test set: Average loss: {test_loss:.4f}, Accuracy: {correct}/{len(test_y)} ({test_acc:.2f}%) | "
               f"{seconds:.1f}s {seen / seconds:.0f} img/s")
         history.append(dict(epoch=epoch, train_loss=round(train_loss, 6), train_acc=round(train_acc, 4),
-                            test_loss=round(test_loss, 6), test_acc=test_acc, lr=lr,
+                            test_loss=round(test_loss, 6), test_acc=test_acc, lr=float(f"{lr:.6g}"),
                             seconds=round(seconds, 3), images_per_s=round(seen / seconds, 1)))
         with defer_sigint():
             state = dict(model_name=args.model, model={k: v.cpu() for k, v in model.state_dict().items()},
@@ -364,16 +364,24 @@ def run(args):
     return summary
 
 
-def main(argv=None):
-    args = parse_args(argv)
+@contextlib.contextmanager
+def one_line_errors():
+    """Every script's main runs inside this: bad input becomes 'error: ...' and a non-zero exit."""
     try:
-        run(args)
+        yield
     except (UsageError, data.DataError, models.UnknownModel) as e:
         sys.exit(f"error: {e}")
     except Diverged as e:
         sys.exit(f"error: {e}; stopped, the last good checkpoint is kept")
     except OSError as e:
         sys.exit(f"error: {e.strerror or e}: {e.filename or ''}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        with one_line_errors():
+            run(args)
     except KeyboardInterrupt:
         print("\ninterrupted: last.pt holds the last finished epoch; continue with --resume RUN_DIR", file=sys.stderr)
         sys.exit(130)
