@@ -13,7 +13,6 @@ infer  batch-1 p50/p99 latency and batch-1024 images/s for eager, TorchScript, O
 Every figure is the median of several timed repeats after a warm-up.
 """
 import argparse
-import contextlib
 import datetime
 import itertools
 import json
@@ -60,11 +59,14 @@ class Timer:
 
 # ---------------------------------------------------------------------------- training
 
-def train_variants(device):
-    out = ["eager", "channels_last", "compile"]
-    if device.type == "cuda":
-        out.append("amp")
-    return out
+# variant -> (channels_last, amp, compile)
+VARIANTS = {
+    "eager": (False, False, False),
+    "channels_last": (True, False, False),
+    "amp": (False, True, False),
+    "channels_last+amp": (True, True, False),
+    "compile": (False, False, True),
+}
 
 
 def bench_train(name, device, images, labels, steps, repeats, variants, workers):
@@ -74,48 +76,34 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers)
     timer = Timer(device)
     records = []
 
-    def measure(backend, variant, make_loader, prepare=lambda m: m, autocast=False):
-        model = prepare(recipe["model"]().to(device))
+    def measure(backend, variant, make_loader):
+        channels_last, amp, compile_ = VARIANTS[variant]
+        model = recipe["model"]().to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
         opt = models.build_optimizer(recipe, model)
         sched, every = models.build_schedule(recipe, opt, 1000, steps)  # long schedule: no step limit
-        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        net = torch.compile(model) if compile_ else model
         rates = []
-        with ctx:
-            # first pass: warm-up (compilation, worker start-up, allocator), then timed repeats
-            for r in range(repeats + 1):
-                loader = make_loader()
-                seconds = timer(lambda: train.train_epoch(model, opt, sched, every, itertools.islice(loader, steps),
-                                                          steps, progress=False))
-                if r:
-                    rates.append(steps * bs / seconds)
+        # first pass: warm-up (compilation, worker start-up, allocator), then timed repeats
+        for r in range(repeats + 1):
+            loader = make_loader()
+            seconds = timer(lambda: train.train_epoch(net, opt, sched, every, itertools.islice(loader, steps), steps,
+                                                      progress=False, channels_last=channels_last, amp=amp))
+            if r:
+                rates.append(steps * bs / seconds)
         records.append(dict(task="train", model=name, device=device.type, backend=backend, variant=variant,
                             batch_size=bs, threads=torch.get_num_threads(), metric="images_per_s",
                             value=round(statistics.median(rates), 1), unit="images/s"))
 
     gen = torch.Generator(device=device).manual_seed(0)
     dev_x, dev_y = images.to(device), labels.to(device)
-    cpu_x, cpu_y = images.cpu(), labels.cpu()
-    seed_loader = data.seed_loader(cpu_x, cpu_y, bs, recipe["augment"], workers=workers,
+    seed_loader = data.seed_loader(images.cpu(), labels.cpu(), bs, recipe["augment"], workers=workers,
                                    pin_memory=device.type == "cuda")
     measure("seed-pipeline", "eager", lambda: iter(seed_loader))
-
-    def fast_loader(channels_last=False):
-        def make():
-            it = data.batches(dev_x, dev_y, bs, recipe["augment"], gen=gen, device=device)
-            if channels_last:
-                return ((x.contiguous(memory_format=torch.channels_last), y) for x, y in it)
-            return it
-        return make
-
     for v in variants:
-        if v == "eager":
-            measure("fast-pipeline", v, fast_loader())
-        elif v == "channels_last":
-            measure("fast-pipeline", v, fast_loader(True), lambda m: m.to(memory_format=torch.channels_last))
-        elif v == "compile":
-            measure("fast-pipeline", v, fast_loader(), lambda m: torch.compile(m))
-        elif v == "amp":
-            measure("fast-pipeline", v, fast_loader(), autocast=True)
+        measure("fast-pipeline", v,
+                lambda: data.batches(dev_x, dev_y, bs, recipe["augment"], gen=gen, device=device))
     fast = [r for r in records if r["backend"] == "fast-pipeline"]
     best = max(fast, key=lambda r: r["value"])
     for r in fast:
@@ -257,7 +245,7 @@ def main(argv=None):
         for name in names:
             if "train" in args.task:
                 torch.set_num_threads(cores)
-                variants = ["eager", "channels_last"] if args.quick and device.type == "cpu" else train_variants(device)
+                variants = [v for v in VARIANTS if not (args.quick and v == "compile")]
                 records += bench_train(name, device, images, labels, steps, repeats, variants, args.workers)
                 print(f"train {name} {device.type}: " + ", ".join(
                     f"{r['backend']}/{r['variant']} {r['value']:,.0f} img/s" for r in records if r["task"] == "train"

@@ -156,17 +156,21 @@ def seed_everything(seed, device):
 
 # ------------------------------------------------------------------------ the training loop
 
-def train_epoch(model, optimizer, scheduler, step_every, loader, steps, desc="", progress=True, epoch=0):
-    """One pass over `loader` (yielding (x, y) on the model's device). Returns (mean loss, accuracy %, images)."""
+def train_epoch(model, optimizer, scheduler, step_every, loader, steps, desc="", progress=True, epoch=0,
+                channels_last=False, amp=False):
+    """One pass over `loader` (yielding (x, y)). Returns (mean loss, accuracy %, images).
+    channels_last: feed NHWC batches (the model must be converted too); amp: bfloat16 autocast."""
     model.train()
     dev = next(model.parameters()).device
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, total=steps, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     for step, (x, y) in enumerate(bar, 1):
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        x, y = x.to(dev, non_blocking=True).contiguous(memory_format=fmt), y.to(dev, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = F.nll_loss(out, y)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(x)
+        loss = F.nll_loss(out.float(), y)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise Diverged(f"loss became {loss_value} at epoch {epoch}, step {step}")
@@ -224,6 +228,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline", default="fast", choices=["fast", "torchvision"],
                    help="fast: device-resident batched augmentation; torchvision: seed-style PIL + DataLoader")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for --pipeline torchvision")
+    p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on CPU, see BENCHMARKS.md)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (faster on AMX/AVX512-BF16 CPUs and GPUs)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue a run from its last.pt (default: runs/<model>/latest)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -296,6 +302,8 @@ def run(args):
     test_x, test_y = data.normalize(test_x).to(device), test_y.to(device)
 
     model = recipe["model"]().to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = models.build_optimizer(recipe, model, args.lr)
     steps = math.ceil(len(train_y) / batch_size)
     scheduler, every = models.build_schedule(recipe, optimizer, epochs, steps, args.lr)
@@ -317,6 +325,7 @@ def run(args):
     n_params = models.n_params(model)
     info = dict(model=args.model, params=n_params, device=str(device), device_name=device_name(device),
                 batch_size=batch_size, epochs=epochs, seed=args.seed, pipeline=args.pipeline,
+                channels_last=args.channels_last, amp=args.amp,
                 train_images=len(train_y), out=out)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     t_run = time.time()
@@ -327,7 +336,8 @@ def run(args):
         t0 = time.time()
         train_loss, train_acc, seen = train_epoch(model, optimizer, scheduler, every, loader, steps,
                                                   desc=f"epoch {epoch}/{epochs}", epoch=epoch,
-                                                  progress=not args.no_progress)
+                                                  progress=not args.no_progress,
+                                                  channels_last=args.channels_last, amp=args.amp)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - t0

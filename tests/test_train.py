@@ -70,3 +70,9 @@ def test_training_learns(tmp_path, mnist_dir):
     args = train.parse_args(["--model", "bn_fc", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "4096",
                              "--epochs", "1", "--no-progress", "--out", str(tmp_path / "learn")])
     assert train.run(args)["best_test_acc"] > 50
+
+
+def test_channels_last_and_amp_train(tmp_path, mnist_dir):
+    summary, out = run(tmp_path, mnist_dir, "--channels-last", "--amp", "--subset", "256")
+    assert summary["channels_last"] and summary["amp"] and len(rows(out)) == 1
+    assert 0 <= summary["final_test_acc"] <= 100
