@@ -45,3 +45,19 @@ def test_summary_lists_layers():
 def test_unknown_model():
     with pytest.raises(models.UnknownModel, match="choose one of: bn_gap"):
         models.build_model("resnet")
+
+
+def test_bn_fc_schedule_matches_the_seed_log():
+    """Seed 004 logs the learning rate at the start of each of its 10 epochs (469 steps each)."""
+    logged = [0.100000, 0.262710, 0.587919, 0.750000, 0.713370, 0.611043, 0.463285, 0.299361, 0.151739, 0.049657]
+    r = models.RECIPES["bn_fc"]
+    opt = models.build_optimizer(r, models.build_model("bn_fc"))
+    sched, every = models.build_schedule(r, opt, 10, 469)
+    assert every == "batch"
+    got = []
+    for step in range(10 * 469):
+        if step % 469 == 0:
+            got.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx(logged, abs=1e-6)
