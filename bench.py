@@ -59,13 +59,15 @@ class Timer:
 
 # ---------------------------------------------------------------------------- training
 
-# variant -> (channels_last, amp, compile)
+# fast-pipeline variants: the train.py flags each one turns on (plus torch.compile, bench-only)
 VARIANTS = {
-    "eager": (False, False, False),
-    "channels_last": (True, False, False),
-    "amp": (False, True, False),
-    "channels_last+amp": (True, True, False),
-    "compile": (False, False, True),
+    "eager": set(),
+    "channels_last": {"channels_last"},
+    "amp": {"amp"},
+    "channels_last+amp": {"channels_last", "amp"},
+    "amp+fast_dropout": {"amp", "fast_dropout"},
+    "channels_last+amp+fast_dropout": {"channels_last", "amp", "fast_dropout"},
+    "compile": {"compile"},
 }
 
 
@@ -77,13 +79,16 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers)
     records = []
 
     def measure(backend, variant, make_loader):
-        channels_last, amp, compile_ = VARIANTS[variant]
+        on = VARIANTS[variant]
+        channels_last, amp = "channels_last" in on, "amp" in on
         model = recipe["model"]().to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if "fast_dropout" in on:
+            train.use_fast_dropout(model)
         opt = models.build_optimizer(recipe, model)
         sched, every = models.build_schedule(recipe, opt, 1000, steps)  # long schedule: no step limit
-        net = torch.compile(model) if compile_ else model
+        net = torch.compile(model) if "compile" in on else model
         rates = []
         # first pass: warm-up (compilation, worker start-up, allocator), then timed repeats
         for r in range(repeats + 1):

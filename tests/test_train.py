@@ -73,6 +73,21 @@ def test_training_learns(tmp_path, mnist_dir):
 
 
 def test_channels_last_and_amp_train(tmp_path, mnist_dir):
-    summary, out = run(tmp_path, mnist_dir, "--channels-last", "--amp", "--subset", "256")
-    assert summary["channels_last"] and summary["amp"] and len(rows(out)) == 1
+    summary, out = run(tmp_path, mnist_dir, "--channels-last", "--amp", "--fast-dropout", "--subset", "256")
+    assert summary["channels_last"] and summary["amp"] and summary["fast_dropout"] and len(rows(out)) == 1
     assert 0 <= summary["final_test_acc"] <= 100
+
+
+def test_fast_dropout_is_dropout():
+    d = train.FastDropout(0.05)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    out = d.train()(x)
+    dropped = (out == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.002                       # 1e6 draws: 4-sigma band is +-0.0009
+    assert torch.allclose(out[out != 0], torch.tensor(1 / 0.95))
+    out.sum().backward()
+    assert torch.equal(x.grad == 0, out == 0)
+    assert d.eval()(x) is x
+    model = train.use_fast_dropout(__import__("models").build_model("gap10k"))
+    assert not any(type(m) is torch.nn.Dropout for m in model.modules())
+    assert sum(isinstance(m, train.FastDropout) for m in model.modules()) == 6
