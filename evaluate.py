@@ -130,10 +130,10 @@ def png_bytes(fig):
 
 # ------------------------------------------------------------------------------- HTML
 
-def table(rows, header):
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def table(rows, header=None):
+    head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def render_html(title, r, source, name, summary, metrics_rows, pngs):
@@ -147,11 +147,11 @@ def render_html(title, r, source, name, summary, metrics_rows, pngs):
                      f"{summary['best_epoch']}" if summary else "-"],
                     ["documented by the seed", f"{doc.get('best_test_acc')}% at epoch {doc.get('best_epoch')}"
                      + (f" ({doc['notes']})" if doc.get("notes") else "")],
-                    ["source", source]], ["", ""])]
+                    ["source", source]])]
     if summary:
         keep = ["model", "params", "device_name", "pipeline", "batch_size", "epochs", "seed", "lr", "subset",
                 "python", "torch", "torchvision", "git_commit", "command", "wall_seconds", "reconstructed"]
-        parts += ["<h2>Run configuration</h2>", table([[k, summary.get(k)] for k in keep], ["", ""])]
+        parts += ["<h2>Run configuration</h2>", table([[k, summary.get(k)] for k in keep])]
     if name in models.RECIPES:
         parts += ["<h2>Model</h2>", f"<pre>{html.escape(str(models.summary(name)))}</pre>"]
     if metrics_rows:
