@@ -110,7 +110,7 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers)
     measure("seed-pipeline", "eager", lambda: iter(seed_loader))
     for v in variants:
         measure("fast-pipeline", v,
-                lambda: data.batches(dev_x, dev_y, bs, recipe["augment"], gen=gen, device=device))
+                lambda: data.batches(dev_x, dev_y, bs, recipe["augment"], gen=gen))
     fast = [r for r in records if r["backend"] == "fast-pipeline"]
     best = max(fast, key=lambda r: r["value"])
     for r in fast:

@@ -176,8 +176,8 @@ def augment(x, aug, gen):
     return x
 
 
-def batches(images, labels, batch_size, aug=None, shuffle=True, gen=None, device="cpu"):
-    """Yield normalised (x, y) batches on `device` from uint8 tensors already there."""
+def batches(images, labels, batch_size, aug=None, shuffle=True, gen=None):
+    """Yield normalised (x, y) batches from uint8 tensors, on the device they are on."""
     n = images.shape[0]
     order = torch.randperm(n, generator=gen, device=images.device) if shuffle else torch.arange(n, device=images.device)
     for i in range(0, n, batch_size):

@@ -238,7 +238,7 @@ def make_loader(pipeline, images, labels, recipe, batch_size, gen, device, seed,
     """Training batches and their count, for either pipeline."""
     steps = math.ceil(len(labels) / batch_size)
     if pipeline == "fast":
-        return data.batches(images, labels, batch_size, recipe["augment"], gen=gen, device=device), steps
+        return data.batches(images, labels, batch_size, recipe["augment"], gen=gen), steps
     return data.seed_loader(images.cpu(), labels.cpu(), batch_size, recipe["augment"], seed=seed,
                             workers=workers, pin_memory=device.type == "cuda"), steps
 
