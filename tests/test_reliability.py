@@ -146,3 +146,25 @@ def test_bad_input_one_line(tmp_path, mnist_dir, broken, trained, script, args, 
     assert err.startswith("error: ") and message.format(broken=broken) in err, err
     leftovers = [os.path.join(dp, f) for dp, _, fs in os.walk(tmp_path) for f in fs]
     assert not [f for f in leftovers if f.endswith((".pt", ".tmp", ".onnx"))]
+
+
+def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
+    """The loss turns NaN at epoch 2, step 1: training stops there, epoch 1's files stay whole."""
+    real, calls = torch.nn.functional.nll_loss, []
+
+    def poisoned(out, y, *a, **k):
+        loss = real(out, y, *a, **k)
+        if out.requires_grad:
+            calls.append(1)
+            if len(calls) == 3:   # 2 steps per epoch (256 images, batch 128): epoch 2, step 1
+                return loss * float("nan")
+        return loss
+    monkeypatch.setattr(train.F, "nll_loss", poisoned)
+    args = train.parse_args(["--model", "gap10k", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "256",
+                             "--epochs", "3", "--no-progress", "--out", str(tmp_path / "run")])
+    with pytest.raises(train.Diverged, match="at epoch 2, step 1"):
+        train.run(args)
+    check_files_whole(tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1
+    assert len(metrics(tmp_path / "run")) == 1
