@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from tqdm import tqdm
 
 import data
@@ -354,6 +355,8 @@ def run(args):
         gen.set_state(ckpt["rng"]["data"])
         history, best_acc, best_epoch = ckpt["history"], ckpt["best_acc"], ckpt["best_epoch"]
         start = ckpt["epoch"] + 1
+        if start > epochs:
+            raise UsageError(f"{out} already finished its {epochs} epochs; nothing to resume")
         print(f"resuming {out} at epoch {start}/{epochs}")
 
     n_params = models.n_params(model)
@@ -362,6 +365,10 @@ def run(args):
                 channels_last=args.channels_last, amp=args.amp, fast_dropout=args.fast_dropout,
                 train_images=len(train_y), out=out)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
+    info.update(documented=recipe["documented"], reconstructed=recipe["reconstructed"], lr=args.lr,
+                subset=args.subset, python=platform.python_version(), torch=torch.__version__,
+                torchvision=torchvision.__version__, git_commit=git_commit(),
+                command=" ".join([os.path.basename(sys.executable)] + sys.argv))
     t_run = time.time()
     loader_args = (args.pipeline, train_x, train_y, recipe, batch_size, gen, device, args.seed, args.workers)
     for epoch in range(start, epochs + 1):
@@ -396,11 +403,7 @@ def run(args):
                                  args=vars(args)), os.path.join(out, "last.pt"))
             save_text(metrics_csv(history), os.path.join(out, "metrics.csv"))
             summary = dict(info, best_test_acc=best_acc, best_epoch=best_epoch, final_test_acc=test_acc,
-                           epochs_done=epoch, documented=recipe["documented"], reconstructed=recipe["reconstructed"],
-                           python=platform.python_version(), torch=torch.__version__,
-                           torchvision=__import__("torchvision").__version__, git_commit=git_commit(),
-                           command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-                           wall_seconds=round(time.time() - t_run, 1), lr=args.lr, subset=args.subset)
+                           epochs_done=epoch, wall_seconds=round(time.time() - t_run, 1))
             save_text(json.dumps(summary, indent=2) + "\n", os.path.join(out, "summary.json"))
     print(f"best test accuracy {best_acc:.2f}% at epoch {best_epoch} "
           f"(documented {recipe['documented']['best_test_acc']}% at epoch {recipe['documented']['best_epoch']}); "

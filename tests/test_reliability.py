@@ -132,6 +132,7 @@ BAD_INPUT = [  # (script, args, what the one line must say)
     ("train.py", ["--batch-size", "-3"], "--batch-size must be at least 1"),
     ("train.py", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     ("train.py", ["--resume", "{broken}"], "nothing to resume"),
+    ("train.py", ["--resume", "{trained}"], "already finished its 1 epochs"),
 ]
 
 
