@@ -19,6 +19,7 @@ import os
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
 
@@ -198,8 +199,7 @@ def evaluate(source_path, kind, out, data_dir, device):
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise train.UsageError(f"cannot write to output folder {out}: {e.strerror}") from None
-    pngs = {"confusion": png_bytes(plot_confusion(confusion_matrix(labels.numpy(), logp.argmax(1).numpy(),
-                                                                   labels=DIGITS))),
+    pngs = {"confusion": png_bytes(plot_confusion(np.array(r["confusion_matrix"]))),
             "mistakes": png_bytes(plot_mistakes(images, labels, logp))}
     rows = read_metrics(run_dir) if run_dir else []
     if rows:

@@ -110,7 +110,7 @@ def predict_artifact(path, images01, batch_size=1000):
     return torch.from_numpy(np.concatenate([run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]))
 
 
-def verify(path, reference, images01, tolerance):
+def verify(path, reference, images01, labels, tolerance):
     """Compare an exported file with the PyTorch log-probabilities on every test image."""
     got = predict_artifact(path, images01)
     single = predict_artifact(path, images01[:1], batch_size=1)  # batch 1 must work too
@@ -118,6 +118,7 @@ def verify(path, reference, images01, tolerance):
     diff = float((got - reference).abs().max())
     diff1 = float((single - reference[:1]).abs().max())
     return dict(same_predictions=same, images=len(reference), max_abs_diff=diff, batch1_max_abs_diff=diff1,
+                accuracy=train.score(got, labels)[2],
                 ok=same == len(reference) and diff <= tolerance and diff1 <= tolerance)
 
 
@@ -137,8 +138,7 @@ def export(ckpt, fmt, out_dir, opset, data_dir, tolerance):
             export_onnx(module, staged, metadata(ckpt), opset)
         else:
             export_torchscript(module, staged, metadata(ckpt))
-        figures = verify(staged, reference, images01, tolerance)
-        figures["accuracy"] = train.score(predict_artifact(staged, images01), labels)[2]
+        figures = verify(staged, reference, images01, labels, tolerance)
         if not figures["ok"]:
             raise train.UsageError(f"{fmt} export of {name} does not match PyTorch: {figures['same_predictions']}/"
                                    f"{figures['images']} same predictions, max |diff| {figures['max_abs_diff']:.2e} "
