@@ -10,7 +10,6 @@ mistakes.png, curves.png (for a run folder) and one self-contained report.html i
 """
 import argparse
 import base64
-import csv
 import html
 import io
 import json
@@ -96,14 +95,6 @@ def plot_mistakes(images, labels, logp, n=24):
     fig.suptitle(f"Most confident mistakes ({len(wrong)} in all)", fontsize=10)
     fig.tight_layout()
     return fig
-
-
-def read_metrics(run_dir):
-    path = os.path.join(run_dir, "metrics.csv")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def plot_curves(rows):
@@ -201,7 +192,7 @@ def evaluate(source_path, kind, out, data_dir, device):
         raise train.UsageError(f"cannot write to output folder {out}: {e.strerror}") from None
     pngs = {"confusion": png_bytes(plot_confusion(np.array(r["confusion_matrix"]))),
             "mistakes": png_bytes(plot_mistakes(images, labels, logp))}
-    rows = read_metrics(run_dir) if run_dir else []
+    rows = train.read_metrics(run_dir) if run_dir else []
     if rows:
         pngs["curves"] = png_bytes(plot_curves(rows))
     for k, v in pngs.items():

@@ -9,6 +9,7 @@ command can be stopped and restarted, and further seeds finished earlier (say by
 pretrained/<model>.pt (weights only, weights_only-loadable).
 """
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -127,20 +128,18 @@ def main(argv=None):
         for name in args.models:
             epochs = models.RECIPES[name]["epochs"]
             results[name] = []
-            seed = 1
             # the requested seeds, then any further seeds already finished on disk
-            while seed <= seeds or finished(run_dir(name, seed), epochs):
+            for seed in itertools.count(1):
                 out = run_dir(name, seed)
                 s = finished(out, epochs)
-                seed += 1
                 if s is None:
-                    targs = train.parse_args(["--model", name, "--seed", str(seed - 1), "--device", args.device,
+                    if seed > seeds:
+                        break
+                    targs = train.parse_args(["--model", name, "--seed", str(seed), "--device", args.device,
                                               "--out", out, "--no-progress"]
                                              + (["--data-dir", args.data_dir] if args.data_dir else []))
                     s = train.run(targs)
-                with open(os.path.join(out, "metrics.csv")) as f:
-                    secs = [float(line.split(",")[6]) for line in f.readlines()[1:]]
-                s["seconds_per_epoch"] = statistics.mean(secs)
+                s["seconds_per_epoch"] = statistics.mean(float(row["seconds"]) for row in train.read_metrics(out))
                 results[name].append(s)
             publish_pretrained(name, 1)
         extra = []

@@ -303,6 +303,15 @@ def prepare_out(args):
     return out
 
 
+def read_metrics(run_dir):
+    """The rows of a run folder's metrics.csv as dicts of strings ([] where there is none)."""
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def metrics_csv(history):
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=METRICS, lineterminator="\n")

@@ -1,4 +1,3 @@
-import csv
 import json
 import os
 
@@ -14,8 +13,7 @@ def run(tmp_path, mnist_dir, *extra, name="run"):
 
 
 def rows(folder):
-    with open(folder / "metrics.csv") as f:
-        return list(csv.DictReader(f))
+    return train.read_metrics(str(folder))
 
 
 def test_same_seed_same_numbers(tmp_path, mnist_dir):
