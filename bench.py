@@ -2,20 +2,24 @@
 
     python bench.py --quick                 # gap10k on CPU, under 5 minutes on 2 cores (make bench)
     python bench.py --full --json bench.json  # every model on every device found (make bench FULL=1)
-    python bench.py --model bn_fc --device cpu
+    python bench.py --model bn_fc --device cpu --task infer --backend eager onnxruntime
 
 train  images/s at the recipe's batch size with its augmentation, for the seed-style pipeline
        (torchvision Dataset + PIL transforms + DataLoader, eager, NCHW) and this project's fast
-       pipeline in each variant that applies (eager, channels_last, compile, amp on CUDA); the best
-       variant is the fast-pipeline figure, the others are reported beside it.
+       pipeline in each variant that applies on the device (channels_last, bfloat16 amp, fast
+       dropout on CPU, torch.compile, CUDA graphs on CUDA); the best variant is the fast-pipeline
+       figure, the others are reported beside it. On CUDA and MPS a repeat is a whole epoch.
 infer  batch-1 p50/p99 latency and batch-1024 images/s for eager, TorchScript, ONNX Runtime and
-       torch.compile, on CPU with 1 thread and with all cores; on CUDA timed with CUDA events.
-Every figure is the median of several timed repeats after a warm-up.
+       torch.compile (with CUDA graphs on CUDA), on CPU with 1 thread and with all cores; on CUDA
+       timed with CUDA events after a synchronisation.
+Every figure is the median of several timed repeats after a warm-up. A variant or backend that
+fails is listed under "not measured" with its error; the rest of the table still comes out.
 """
 import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -59,27 +63,31 @@ class Timer:
 
 # ---------------------------------------------------------------------------- training
 
-# fast-pipeline variants: the train.py flags each one turns on (plus torch.compile, bench-only)
+# fast-pipeline variants: the train.py flags each turns on, and the devices where it can differ
+# from the others (fast_dropout only changes CPU; CUDA graphs exist only on CUDA)
 VARIANTS = {
-    "eager": set(),
-    "channels_last": {"channels_last"},
-    "amp": {"amp"},
-    "channels_last+amp": {"channels_last", "amp"},
-    "amp+fast_dropout": {"amp", "fast_dropout"},
-    "channels_last+amp+fast_dropout": {"channels_last", "amp", "fast_dropout"},
-    "compile": {"compile"},
+    "eager": (set(), ("cpu", "cuda", "mps")),
+    "channels_last": ({"channels_last"}, ("cpu", "cuda", "mps")),
+    "amp": ({"amp"}, ("cpu", "cuda", "mps")),
+    "channels_last+amp": ({"channels_last", "amp"}, ("cpu", "cuda", "mps")),
+    "amp+fast_dropout": ({"amp", "fast_dropout"}, ("cpu",)),
+    "channels_last+amp+fast_dropout": ({"channels_last", "amp", "fast_dropout"}, ("cpu",)),
+    "compile": ({"compile"}, ("cpu", "cuda", "mps")),
+    "cudagraphs": ({"compile", "cudagraphs"}, ("cuda",)),
+    "amp+cudagraphs": ({"amp", "compile", "cudagraphs"}, ("cuda",)),
 }
 
 
-def bench_train(name, device, images, labels, steps, repeats, variants, workers):
-    """Records of training images/s for the seed pipeline and each fast-pipeline variant."""
+def bench_train(name, device, images, labels, steps, repeats, variants, workers, skipped):
+    """Records of training images/s for the seed pipeline and each fast-pipeline variant.
+    A variant that fails (say, CUDA graphs on an unusual build) is noted in `skipped`, not fatal."""
     recipe = models.RECIPES[name]
     bs = recipe["batch_size"]
     timer = Timer(device)
     records = []
 
     def measure(backend, variant, make_loader):
-        on = VARIANTS[variant]
+        on = VARIANTS[variant][0]
         channels_last, amp = "channels_last" in on, "amp" in on
         model = recipe["model"]().to(device)
         if channels_last:
@@ -88,11 +96,9 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers)
             train.use_fast_dropout(model)
         opt = models.build_optimizer(recipe, model)
         sched, every = models.build_schedule(recipe, opt, 1000, steps)  # long schedule: no step limit
-        if "compile" in on:
-            torch._dynamo.reset()
-        net = torch.compile(model) if "compile" in on else model
+        net = train.compile_model(model, cudagraphs="cudagraphs" in on) if "compile" in on else model
         rates = []
-        # first pass: warm-up (compilation, worker start-up, allocator), then timed repeats
+        # first pass: warm-up (compilation, graph capture, worker start-up, allocator), then timed repeats
         for r in range(repeats + 1):
             loader = make_loader()
             seconds = timer(lambda: train.train_epoch(net, opt, sched, every, itertools.islice(loader, steps), steps,
@@ -100,28 +106,43 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers)
             if r:
                 rates.append(steps * bs / seconds)
         records.append(dict(task="train", model=name, device=device.type, backend=backend, variant=variant,
-                            batch_size=bs, threads=torch.get_num_threads(), metric="images_per_s",
-                            value=round(statistics.median(rates), 1), unit="images/s"))
+                            batch_size=bs, threads=torch.get_num_threads() if device.type == "cpu" else None,
+                            steps=steps, metric="images_per_s", value=round(statistics.median(rates), 1),
+                            unit="images/s"))
 
     gen = torch.Generator(device=device).manual_seed(0)
     dev_x, dev_y = images.to(device), labels.to(device)
     seed_loader = data.seed_loader(images.cpu(), labels.cpu(), bs, recipe["augment"], workers=workers,
                                    pin_memory=device.type == "cuda")
-    measure("seed-pipeline", "eager", lambda: iter(seed_loader))
-    for v in variants:
-        measure("fast-pipeline", v,
-                lambda: data.batches(dev_x, dev_y, bs, recipe["augment"], gen=gen))
+    todo = [("seed-pipeline", "eager", lambda: iter(seed_loader))]
+    todo += [("fast-pipeline", v, lambda: data.batches(dev_x, dev_y, bs, recipe["augment"], gen=gen))
+             for v in variants if device.type in VARIANTS[v][1]]
+    for backend, variant, make_loader in todo:
+        try:
+            measure(backend, variant, make_loader)
+        except Exception as e:  # report and go on: one broken variant must not lose the whole table
+            skipped.append(f"train {name} {device.type} {backend}/{variant}: {one_line(e)}")
     fast = [r for r in records if r["backend"] == "fast-pipeline"]
-    best = max(fast, key=lambda r: r["value"])
-    for r in fast:
-        r["best"] = r is best
+    if fast:
+        best = max(fast, key=lambda r: r["value"])
+        for r in fast:
+            r["best"] = r is best
     return records
+
+
+def one_line(e):
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
 # --------------------------------------------------------------------------- inference
 
-def inference_backends(name, device, tmp):
-    """name -> (function taking a float32 [N, 1, 28, 28] [0, 1] tensor on `device`), per backend."""
+BACKENDS = ["eager", "torchscript", "compile", "onnxruntime"]
+
+
+def inference_backends(name, device, tmp, wanted, skipped):
+    """backend -> function of a float32 [N, 1, 28, 28] [0, 1] tensor on `device` (onnxruntime: the
+    .onnx path, a session is made per thread count in bench_infer), and the ONNX Runtime provider."""
     model = models.build_model(name).eval()
     module = export.Exportable(model).eval().to(device)
     ckpt = dict(model_name=name, model=model.state_dict(), test_acc=0.0, epoch=0)
@@ -133,53 +154,67 @@ def inference_backends(name, device, tmp):
                 return fn(x)
         return run
 
-    out["eager"] = no_grad(module)
-    out["torchscript"] = no_grad(torch.jit.freeze(torch.jit.script(module)))
-    out["compile"] = no_grad(torch.compile(module))
-    onnx_path = os.path.join(tmp, name + ".onnx")
-    export.export_onnx(export.Exportable(model).eval(), onnx_path, export.metadata(ckpt), 18)
-    import onnxruntime as ort
-    providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-    if providers[0] in ort.get_available_providers():
-        out["onnxruntime"] = onnx_path  # a session per thread count, made in bench_infer
-    return out, providers[0]
+    makers = dict(eager=lambda: module,
+                  torchscript=lambda: torch.jit.freeze(torch.jit.script(module)),
+                  compile=lambda: train.compile_model(module))  # CUDA graphs on CUDA: batch 1 is launch-bound
+    for backend in [b for b in wanted if b in makers]:
+        try:
+            out[backend] = no_grad(makers[backend]())
+        except Exception as e:
+            skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    if "onnxruntime" in wanted:
+        import onnxruntime as ort
+        if provider in ort.get_available_providers():
+            onnx_path = os.path.join(tmp, name + ".onnx")
+            export.export_onnx(export.Exportable(model).eval(), onnx_path, export.metadata(ckpt), 18)
+            out["onnxruntime"] = onnx_path
+        else:
+            skipped.append(f"infer {name} {device.type} onnxruntime: {provider} not available in this onnxruntime "
+                           f"build (pip install onnxruntime-gpu for CUDA)")
+    return out, provider
 
 
-def bench_infer(name, device, threads_list, repeats, calls):
-    torch._dynamo.reset()  # fresh compile caches: one model's recompiles must not exhaust the next one's limit
+def bench_infer(name, device, threads_list, repeats, calls, wanted, skipped):
     records = []
     timer = Timer(device)
     x1 = torch.rand(1, 1, 28, 28, device=device)
     xb = torch.rand(BATCH_INFER, 1, 28, 28, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        backends, provider = inference_backends(name, device, tmp)
+        backends, provider = inference_backends(name, device, tmp, wanted, skipped)
         for threads in threads_list:
             if device.type == "cpu":
                 torch.set_num_threads(threads)
             for backend, fn in backends.items():
-                if backend == "onnxruntime":
-                    import onnxruntime as ort
-                    opts = ort.SessionOptions()
-                    opts.intra_op_num_threads = threads if device.type == "cpu" else 0
-                    sess = ort.InferenceSession(fn, opts, providers=[provider])
-                    a1, ab = x1.cpu().numpy(), xb.cpu().numpy()
-                    run1 = lambda: sess.run(None, {"image": a1})  # noqa: E731
-                    runb = lambda: sess.run(None, {"image": ab})  # noqa: E731
-                else:
-                    run1, runb = (lambda f=fn: f(x1)), (lambda f=fn: f(xb))
-                for _ in range(max(10, calls // 10)):   # warm-up (compile, allocator, caches)
-                    run1()
-                runb()
-                lat = sorted(timer(run1) * 1000 for _ in range(calls))
-                rate = statistics.median(BATCH_INFER / timer(runb) for _ in range(repeats))
-                base = dict(task="infer", model=name, device=device.type, backend=backend,
-                            threads=threads if device.type == "cpu" else None)
-                records += [dict(base, batch_size=1, metric="p50_ms", value=round(lat[len(lat) // 2], 4), unit="ms"),
-                            dict(base, batch_size=1, metric="p99_ms", value=round(lat[int(len(lat) * 0.99) - 1], 4),
-                                 unit="ms"),
-                            dict(base, batch_size=BATCH_INFER, metric="images_per_s", value=round(rate, 1),
-                                 unit="images/s")]
+                try:
+                    records += time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, repeats, calls)
+                except Exception as e:
+                    skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
     return records
+
+
+def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, repeats, calls):
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads if device.type == "cpu" else 0
+        sess = ort.InferenceSession(fn, opts, providers=[provider])
+        a1, ab = x1.cpu().numpy(), xb.cpu().numpy()  # numpy in, numpy out: what an ORT user times
+        run1 = lambda: sess.run(None, {"image": a1})  # noqa: E731
+        runb = lambda: sess.run(None, {"image": ab})  # noqa: E731
+    else:
+        run1, runb = (lambda: fn(x1)), (lambda: fn(xb))
+    for _ in range(max(10, calls // 10)):   # warm-up (compile, graph capture, allocator, caches)
+        run1()
+    runb()
+    runb()
+    lat = sorted(timer(run1) * 1000 for _ in range(calls))
+    rate = statistics.median(BATCH_INFER / timer(runb) for _ in range(repeats))
+    base = dict(task="infer", model=name, device=device.type, backend=backend,
+                threads=threads if device.type == "cpu" else None)
+    return [dict(base, batch_size=1, metric="p50_ms", value=round(lat[len(lat) // 2], 4), unit="ms"),
+            dict(base, batch_size=1, metric="p99_ms", value=round(lat[math.ceil(len(lat) * 0.99) - 1], 4), unit="ms"),
+            dict(base, batch_size=BATCH_INFER, metric="images_per_s", value=round(rate, 1), unit="images/s")]
 
 
 # ------------------------------------------------------------------------------ report
@@ -198,27 +233,33 @@ def environment(devices, threads):
 
 def markdown(records):
     lines = ["### Training throughput (images/s, recipe batch size, with augmentation)", "",
-             "| model | device | seed-pipeline | fast-pipeline (best variant) | speed-up | other fast variants |",
-             "|---|---|---|---|---|---|"]
+             "| model | device | seed-pipeline | fast-pipeline (best variant) | speed-up | epoch of 60k, seed / fast |"
+             " other fast variants |",
+             "|---|---|---|---|---|---|---|"]
     train_r = [r for r in records if r["task"] == "train"]
     for (m, d) in dict.fromkeys((r["model"], r["device"]) for r in train_r):
         rs = [r for r in train_r if (r["model"], r["device"]) == (m, d)]
-        seed = next(r for r in rs if r["backend"] == "seed-pipeline")
-        best = next(r for r in rs if r.get("best"))
+        seed = next((r for r in rs if r["backend"] == "seed-pipeline"), None)
+        best = next((r for r in rs if r.get("best")), None)
         others = ", ".join(f"{r['variant']} {r['value']:,.0f}" for r in rs if r["backend"] == "fast-pipeline"
                            and not r.get("best"))
-        lines.append(f"| {m} | {d} | {seed['value']:,.0f} | {best['value']:,.0f} ({best['variant']}) | "
-                     f"{best['value'] / seed['value']:.1f}x | {others} |")
+        cell = lambda r: "-" if r is None else f"{r['value']:,.0f}"  # noqa: E731
+        epoch = lambda r: "-" if r is None else f"{60000 / r['value']:.2f} s"  # noqa: E731
+        ratio = f"{best['value'] / seed['value']:.1f}x" if seed and best else "-"
+        which = f" ({best['variant']})" if best else ""
+        lines.append(f"| {m} | {d} | {cell(seed)} | {cell(best)}{which} | {ratio} | "
+                     f"{epoch(seed)} / {epoch(best)} | {others} |")
     lines += ["", "### Inference (batch 1 latency in ms, batch 1024 throughput)", "",
               "| model | device | threads | backend | p50 ms | p99 ms | images/s @1024 | p50 vs eager |",
               "|---|---|---|---|---|---|---|---|"]
     inf = [r for r in records if r["task"] == "infer"]
     for key in dict.fromkeys((r["model"], r["device"], r["threads"], r["backend"]) for r in inf):
         get = {r["metric"]: r["value"] for r in inf if (r["model"], r["device"], r["threads"], r["backend"]) == key}
-        eager = next(r["value"] for r in inf if (r["model"], r["device"], r["threads"]) == key[:3]
-                     and r["backend"] == "eager" and r["metric"] == "p50_ms")
+        eager = next((r["value"] for r in inf if (r["model"], r["device"], r["threads"]) == key[:3]
+                      and r["backend"] == "eager" and r["metric"] == "p50_ms"), None)
+        vs = f"{eager / get['p50_ms']:.1f}x" if eager else "-"
         lines.append(f"| {key[0]} | {key[1]} | {key[2] or '-'} | {key[3]} | {get['p50_ms']:.3f} | {get['p99_ms']:.3f} | "
-                     f"{get['images_per_s']:,.0f} | {eager / get['p50_ms']:.1f}x |")
+                     f"{get['images_per_s']:,.0f} | {vs} |")
     return "\n".join(lines)
 
 
@@ -229,6 +270,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="gap10k on CPU, fewer repeats (make bench)")
     p.add_argument("--full", action="store_true", help="every model on every device found")
     p.add_argument("--task", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    p.add_argument("--variant", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"fast-pipeline training variants (default: all that apply): {', '.join(VARIANTS)}")
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=BACKENDS, help="inference backends")
+    p.add_argument("--steps", type=int, help="training steps per timed repeat "
+                   "(default: 30 quick, 50 full; a whole epoch on CUDA and MPS)")
+    p.add_argument("--repeats", type=int, help="timed repeats, median reported (default 3)")
+    p.add_argument("--calls", type=int, help="batch-1 calls for p50/p99 (default: 200 quick, 500 full)")
     p.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, then ./data)")
     p.add_argument("--json", help="write {environment, records} here")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed pipeline")
@@ -237,6 +285,9 @@ def main(argv=None):
         names = args.model or (["gap10k"] if args.quick else list(models.RECIPES))
         for n in names:
             models.get_recipe(n)
+        for flag in ("steps", "repeats", "calls"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise train.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
         if args.device:
             devices = [train.get_device(d) for d in args.device]
         else:
@@ -244,29 +295,39 @@ def main(argv=None):
                       (["mps"] if torch.backends.mps.is_available() else [])
             devices = [torch.device(d) for d in (["cpu"] if args.quick else present)]
         images, labels = data.load("train", args.data_dir)
+        folder = os.path.dirname(os.path.abspath(args.json)) if args.json else "."
+        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # fail now, not after the run
+            raise train.UsageError(f"cannot write --json {args.json}: folder {folder} is missing or read-only")
     cores = os.cpu_count()
-    steps, repeats, calls = (30, 3, 200) if args.quick else (50, 3, 500)
+    repeats = args.repeats or 3
+    calls = args.calls or (200 if args.quick else 500)
     threads_list = sorted({1, cores})
+    variants = args.variant or [v for v in VARIANTS if not (args.quick and v == "compile")]
     env = environment(devices, threads_list)
-    records = []
+    records, skipped = [], []
     for device in devices:
         for name in names:
             if "train" in args.task:
                 torch.set_num_threads(cores)
-                variants = [v for v in VARIANTS if not (args.quick and v == "compile")]
-                records += bench_train(name, device, images, labels, steps, repeats, variants, args.workers)
+                bs = models.RECIPES[name]["batch_size"]
+                steps = args.steps or (math.ceil(len(labels) / bs) if device.type != "cpu" else 30 if args.quick else 50)
+                records += bench_train(name, device, images, labels, steps, repeats, variants, args.workers, skipped)
                 print(f"train {name} {device.type}: " + ", ".join(
                     f"{r['backend']}/{r['variant']} {r['value']:,.0f} img/s" for r in records if r["task"] == "train"
                     and r["model"] == name and r["device"] == device.type), flush=True)
             if "infer" in args.task:
-                records += bench_infer(name, device, threads_list if device.type == "cpu" else [None], repeats, calls)
+                records += bench_infer(name, device, threads_list if device.type == "cpu" else [None], repeats, calls,
+                                       args.backend, skipped)
                 print(f"infer {name} {device.type}: done", flush=True)
     torch.set_num_threads(cores)
+    env["skipped"] = skipped
     print()
     print(f"{env['cpu']} ({cores} cores), {env['gpu'] or 'no GPU'}; torch {env['torch']}, "
           f"onnxruntime {env['onnxruntime']}; {env['date']}; commit {env['git_commit']}")
     print()
     print(markdown(records))
+    if skipped:
+        print("\nnot measured:\n" + "\n".join(f"- {s}" for s in skipped))
     if args.json:
         train.save_text(json.dumps(dict(environment=env, records=records), indent=2) + "\n", args.json)
         print(f"\nwrote {args.json}")

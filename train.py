@@ -188,34 +188,62 @@ def use_fast_dropout(model):
     return model
 
 
+def compile_model(model, cudagraphs=None):
+    """torch.compile(model); on CUDA also CUDA graphs (mode reduce-overhead) unless cudagraphs=False.
+    Returns the compiled wrapper: it shares the module's parameters and buffers."""
+    torch._dynamo.reset()  # fresh caches: an earlier model's recompiles must not use up this one's limit
+    graphs = next(model.parameters()).device.type == "cuda" and cudagraphs is not False
+    return torch.compile(model, mode="reduce-overhead" if graphs else None)
+
+
+SYNC_EVERY = 20  # steps between host syncs: on CUDA the CPU queues work ahead of the GPU in between
+
+
 def train_epoch(model, optimizer, scheduler, step_every, loader, steps, desc="", progress=True, epoch=0,
                 channels_last=False, amp=False):
     """One pass over `loader` (yielding (x, y)). Returns (mean loss, accuracy %, images).
-    channels_last: feed NHWC batches (the model must be converted too); amp: bfloat16 autocast."""
+    channels_last: feed NHWC batches (the model must be converted too); amp: bfloat16 autocast.
+    Losses and hits stay on the device and are read every SYNC_EVERY steps, where a non-finite
+    loss raises Diverged naming the exact step it first appeared at."""
     model.train()
     dev = next(model.parameters()).device
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, window = 0.0, 0, 0, []
+    hits = torch.zeros((), dtype=torch.int64, device=dev)
+
+    def sync(step):
+        nonlocal total_loss, correct
+        losses = torch.stack(window).cpu()  # loss x batch size, one per step since the last sync
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            first = step - len(window) + 1 + int(bad[0])
+            raise Diverged(f"loss became {losses[int(bad[0])].item()} at epoch {epoch}, step {first}")
+        total_loss += losses.sum().item()
+        correct = int(hits)
+        window.clear()
+
     bar = tqdm(loader, total=steps, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    step = 0
     for step, (x, y) in enumerate(bar, 1):
         x, y = x.to(dev, non_blocking=True).contiguous(memory_format=fmt), y.to(dev, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             out = model(x)
         loss = F.nll_loss(out.float(), y)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise Diverged(f"loss became {loss_value} at epoch {epoch}, step {step}")
         loss.backward()
         optimizer.step()
         if scheduler is not None and step_every == "batch":
             scheduler.step()
         n = y.shape[0]
-        total_loss += loss_value * n
-        correct += int((out.argmax(1) == y).sum())
+        window.append(loss.detach() * n)
+        hits += (out.argmax(1) == y).sum()
         seen += n
-        if progress and (step % 20 == 0 or step == steps):
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{100 * correct / seen:.2f}")
+        if step % SYNC_EVERY == 0:
+            sync(step)
+            if progress:
+                bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{100 * correct / seen:.2f}")
+    if window:
+        sync(step)
     if scheduler is not None and step_every == "epoch":
         scheduler.step()
     return total_loss / seen, 100 * correct / seen, seen
@@ -263,6 +291,8 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format (faster on CPU, see BENCHMARKS.md)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (faster on AMX/AVX512-BF16 CPUs and GPUs)")
     p.add_argument("--fast-dropout", action="store_true", help="cheaper dropout masks on CPU (see train.FastDropout)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (on CUDA with CUDA graphs); see BENCHMARKS.md for when it pays")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue a run from its last.pt (default: runs/<model>/latest)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -348,6 +378,7 @@ def run(args):
         model = model.to(memory_format=torch.channels_last)
     if args.fast_dropout:
         use_fast_dropout(model)
+    net = compile_model(model) if args.compile else model  # trains the same parameters as `model`
     optimizer = models.build_optimizer(recipe, model, args.lr)
     steps = math.ceil(len(train_y) / batch_size)
     scheduler, every = models.build_schedule(recipe, optimizer, epochs, steps, args.lr)
@@ -372,6 +403,7 @@ def run(args):
     info = dict(model=args.model, params=n_params, device=str(device), device_name=device_name(device),
                 batch_size=batch_size, epochs=epochs, seed=args.seed, pipeline=args.pipeline,
                 channels_last=args.channels_last, amp=args.amp, fast_dropout=args.fast_dropout,
+                compile=args.compile,
                 train_images=len(train_y), out=out)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     info.update(documented=recipe["documented"], reconstructed=recipe["reconstructed"], lr=args.lr,
@@ -384,7 +416,7 @@ def run(args):
         lr = optimizer.param_groups[0]["lr"]
         loader, steps = make_loader(*loader_args)
         t0 = time.time()
-        train_loss, train_acc, seen = train_epoch(model, optimizer, scheduler, every, loader, steps,
+        train_loss, train_acc, seen = train_epoch(net, optimizer, scheduler, every, loader, steps,
                                                   desc=f"epoch {epoch}/{epochs}", epoch=epoch,
                                                   progress=not args.no_progress,
                                                   channels_last=args.channels_last, amp=args.amp)

@@ -110,6 +110,17 @@ def test_center_crop_resize_matches_torchvision(digits):
     assert torch.equal(data.augment(digits, dict(crop=22, crop_p=0.0), gen), digits)
 
 
+def test_crop_applies_to_the_drawn_share_only(digits):
+    """RandomApply(p): each image is either the crop-resize or untouched, chosen by one draw per image."""
+    x = digits.repeat(16, 1, 1, 1)  # 256 images
+    cropped = TF.resize(TF.center_crop(x, [22, 22]), [28, 28], antialias=True)
+    out = data.augment(x, dict(crop=22, crop_p=0.3), torch.Generator().manual_seed(0))
+    same = (out == x).flatten(1).all(1)
+    was_cropped = (out - cropped).abs().flatten(1).amax(1) < 1e-6
+    assert bool((same ^ was_cropped).all())
+    assert 40 < int(was_cropped.sum()) < 115  # ~77 expected of 256
+
+
 def test_augment_draws_cover_the_range(digits):
     """Uniform angles in [-deg, deg] and whole-pixel shifts in [-px, px], per sample."""
     gen = torch.Generator().manual_seed(0)

@@ -169,3 +169,22 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, mnist_dir
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1
     assert len(metrics(tmp_path / "run")) == 1
+
+
+def test_nan_between_host_syncs_names_its_exact_step(tmp_path, mnist_dir, monkeypatch):
+    """Losses are read every train.SYNC_EVERY steps; a NaN in between still names the step it hit."""
+    real, calls = torch.nn.functional.nll_loss, []
+
+    def poisoned(out, y, *a, **k):
+        loss = real(out, y, *a, **k)
+        if out.requires_grad:
+            calls.append(1)
+            if len(calls) >= 23:   # 32 steps per epoch (256 images, batch 8): epoch 1, step 23 onwards
+                return loss * float("nan")
+        return loss
+    monkeypatch.setattr(train.F, "nll_loss", poisoned)
+    args = train.parse_args(["--model", "gap10k", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "256",
+                             "--batch-size", "8", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")])
+    with pytest.raises(train.Diverged, match="at epoch 1, step 23$"):
+        train.run(args)
+    assert not (tmp_path / "run" / "last.pt").exists()

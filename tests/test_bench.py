@@ -1,0 +1,61 @@
+"""bench.py runs end to end (tiny settings), writes the JSON schema, and survives a broken variant.
+Speed itself is never asserted here: the figures live in BENCHMARKS.md."""
+import json
+
+import pytest
+import torch
+
+import bench
+import train
+
+FIELDS = {"task", "model", "device", "backend", "batch_size", "threads", "metric", "value", "unit"}
+TINY = ["--model", "gap10k", "--device", "cpu", "--steps", "2", "--repeats", "1", "--calls", "3"]
+
+
+def test_bench_writes_every_record_it_promises(tmp_path, mnist_dir, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(TINY + ["--data-dir", mnist_dir, "--variant", "eager", "amp", "--backend", "eager", "onnxruntime",
+                       "--json", str(out)])
+    got = json.loads(out.read_text())
+    env = got["environment"]
+    for key in ("cpu", "cores", "threads", "gpu", "python", "torch", "torchvision", "onnxruntime", "git_commit", "date"):
+        assert key in env
+    recs = got["records"]
+    assert all(FIELDS <= set(r) for r in recs)
+    train_r = [(r["backend"], r["variant"]) for r in recs if r["task"] == "train"]
+    assert train_r == [("seed-pipeline", "eager"), ("fast-pipeline", "eager"), ("fast-pipeline", "amp")]
+    assert sum(r.get("best", False) for r in recs) == 1
+    infer = {(r["backend"], r["threads"], r["batch_size"], r["metric"]) for r in recs if r["task"] == "infer"}
+    threads = sorted({1, torch.get_num_threads()})
+    assert infer == {(b, t, bs, m) for b in ("eager", "onnxruntime") for t in threads
+                     for bs, m in ((1, "p50_ms"), (1, "p99_ms"), (1024, "images_per_s"))}
+    assert all(r["value"] > 0 for r in recs)
+    p = {r["metric"]: r["value"] for r in recs if r["backend"] == "eager" and r["threads"] == 1}
+    assert p["p50_ms"] <= p["p99_ms"]
+    table = capsys.readouterr().out
+    assert "| gap10k | cpu |" in table and "onnxruntime" in table and env["skipped"] == []
+
+
+def test_a_failing_variant_is_reported_not_fatal(tmp_path, mnist_dir, capsys, monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here\nsecond line")
+    monkeypatch.setattr(train, "compile_model", broken)
+    out = tmp_path / "bench.json"
+    bench.main(TINY + ["--data-dir", mnist_dir, "--task", "train", "--variant", "compile", "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert [r["backend"] for r in got["records"]] == ["seed-pipeline"]
+    assert got["environment"]["skipped"] == ["train gap10k cpu fast-pipeline/compile: RuntimeError: no compiler here"]
+    printed = capsys.readouterr().out
+    assert "| gap10k | cpu |" in printed and "not measured:" in printed
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "mps"], "device 'mps' is not present"),
+    (["--model", "resnet50"], "unknown model"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--json", "/nonexistent/dir/b.json"], "cannot write --json"),
+])
+def test_bad_input_is_one_line(args, message, mnist_dir):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--data-dir", mnist_dir] + args)
+    assert message in str(e.value) and "\n" not in str(e.value)
