@@ -85,7 +85,14 @@ def test_fast_dropout_is_dropout():
     assert torch.allclose(out[out != 0], torch.tensor(1 / 0.95))
     out.sum().backward()
     assert torch.equal(x.grad == 0, out == 0)
+    assert torch.allclose(x.grad[x.grad != 0], torch.tensor(1 / 0.95))
     assert d.eval()(x) is x
+    # NHWC input: the mask is drawn in NHWC order and the output keeps the layout; views work too
+    nhwc = torch.ones(64, 16, 28, 28).contiguous(memory_format=torch.channels_last)
+    out = d.train()(nhwc)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert abs((out == 0).float().mean().item() - 0.05) < 0.002
+    assert abs((d(nhwc[:, :, ::2]) == 0).float().mean().item() - 0.05) < 0.003
     model = train.use_fast_dropout(__import__("models").build_model("gap10k"))
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
     assert sum(isinstance(m, train.FastDropout) for m in model.modules()) == 6
