@@ -13,6 +13,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
 import platform
@@ -195,6 +196,7 @@ def compile_model(model, cudagraphs=None):
     """torch.compile(model); on CUDA also CUDA graphs (mode reduce-overhead) unless cudagraphs=False.
     Returns the compiled wrapper: it shares the module's parameters and buffers."""
     torch._dynamo.reset()  # fresh caches: an earlier model's recompiles must not use up this one's limit
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU hosts
     graphs = next(model.parameters()).device.type == "cuda" and cudagraphs is not False
     return torch.compile(model, mode="reduce-overhead" if graphs else None)
 
@@ -211,19 +213,20 @@ def train_epoch(model, optimizer, scheduler, step_every, loader, steps, desc="",
     model.train()
     dev = next(model.parameters()).device
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    total_loss, correct, seen, window = 0.0, 0, 0, []
+    total_loss, correct, seen, window, sizes = 0.0, 0, 0, [], []
     hits = torch.zeros((), dtype=torch.int64, device=dev)
 
     def sync(step):
         nonlocal total_loss, correct
-        losses = torch.stack(window).cpu()  # loss x batch size, one per step since the last sync
+        losses = torch.stack(window).double().cpu()  # one per step since the last sync
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             first = step - len(window) + 1 + int(bad[0])
             raise Diverged(f"loss became {losses[int(bad[0])].item()} at epoch {epoch}, step {first}")
-        total_loss += losses.sum().item()
+        total_loss += float(losses @ torch.tensor(sizes, dtype=torch.float64))
         correct = int(hits)
         window.clear()
+        sizes.clear()
 
     bar = tqdm(loader, total=steps, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     step = 0
@@ -238,7 +241,8 @@ def train_epoch(model, optimizer, scheduler, step_every, loader, steps, desc="",
         if scheduler is not None and step_every == "batch":
             scheduler.step()
         n = y.shape[0]
-        window.append(loss.detach() * n)
+        window.append(loss.detach())
+        sizes.append(n)
         hits += (out.argmax(1) == y).sum()
         seen += n
         if step % SYNC_EVERY == 0:
