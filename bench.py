@@ -73,9 +73,15 @@ VARIANTS = {
     "amp+fast_dropout": ({"amp", "fast_dropout"}, ("cpu",)),
     "channels_last+amp+fast_dropout": ({"channels_last", "amp", "fast_dropout"}, ("cpu",)),
     "compile": ({"compile"}, ("cpu", "cuda", "mps")),
+    "amp+compile": ({"amp", "compile"}, ("cpu", "cuda", "mps")),
+    "amp+fast_dropout+compile": ({"amp", "fast_dropout", "compile"}, ("cpu",)),
+    "channels_last+amp+fast_dropout+compile": ({"channels_last", "amp", "fast_dropout", "compile"}, ("cpu",)),
     "cudagraphs": ({"compile", "cudagraphs"}, ("cuda",)),
     "amp+cudagraphs": ({"amp", "compile", "cudagraphs"}, ("cuda",)),
 }
+# --quick: the variants that have won somewhere, and plain eager for reference
+QUICK = ["eager", "amp", "amp+fast_dropout", "channels_last+amp+fast_dropout", "amp+fast_dropout+compile",
+         "cudagraphs"]
 
 
 def bench_train(name, device, images, labels, steps, repeats, variants, workers, skipped):
@@ -302,7 +308,7 @@ def main(argv=None):
     repeats = args.repeats or 3
     calls = args.calls or (200 if args.quick else 500)
     threads_list = sorted({1, cores})
-    variants = args.variant or [v for v in VARIANTS if not (args.quick and v == "compile")]
+    variants = args.variant or (QUICK if args.quick else list(VARIANTS))
     env = environment(devices, threads_list)
     records, skipped = [], []
     for device in devices:
