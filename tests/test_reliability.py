@@ -149,22 +149,30 @@ def test_bad_input_one_line(tmp_path, mnist_dir, broken, trained, script, args, 
     assert not [f for f in leftovers if f.endswith((".pt", ".tmp", ".onnx"))]
 
 
-def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
-    """The loss turns NaN at epoch 2, step 1: training stops there, epoch 1's files stay whole."""
+def poison_loss(monkeypatch, first_bad_step):
+    """Make the training loss NaN from the given training step (counted across epochs) on."""
     real, calls = torch.nn.functional.nll_loss, []
 
     def poisoned(out, y, *a, **k):
         loss = real(out, y, *a, **k)
         if out.requires_grad:
             calls.append(1)
-            if len(calls) == 3:   # 2 steps per epoch (256 images, batch 128): epoch 2, step 1
+            if len(calls) >= first_bad_step:
                 return loss * float("nan")
         return loss
     monkeypatch.setattr(train.F, "nll_loss", poisoned)
-    args = train.parse_args(["--model", "gap10k", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "256",
-                             "--epochs", "3", "--no-progress", "--out", str(tmp_path / "run")])
-    with pytest.raises(train.Diverged, match="at epoch 2, step 1"):
-        train.run(args)
+
+
+def nan_run(tmp_path, mnist_dir, *extra):
+    return train.parse_args(["--model", "gap10k", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "256",
+                             "--no-progress", "--out", str(tmp_path / "run"), *extra])
+
+
+def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, mnist_dir, monkeypatch):
+    """The loss turns NaN at epoch 2, step 1: training stops there, epoch 1's files stay whole."""
+    poison_loss(monkeypatch, 3)   # 2 steps per epoch (256 images, batch 128): epoch 2, step 1
+    with pytest.raises(train.Diverged, match="at epoch 2, step 1$"):
+        train.run(nan_run(tmp_path, mnist_dir, "--epochs", "3"))
     check_files_whole(tmp_path / "run")
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
     assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["epoch"] == 1
@@ -173,18 +181,7 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, mnist_dir
 
 def test_nan_between_host_syncs_names_its_exact_step(tmp_path, mnist_dir, monkeypatch):
     """Losses are read every train.SYNC_EVERY steps; a NaN in between still names the step it hit."""
-    real, calls = torch.nn.functional.nll_loss, []
-
-    def poisoned(out, y, *a, **k):
-        loss = real(out, y, *a, **k)
-        if out.requires_grad:
-            calls.append(1)
-            if len(calls) >= 23:   # 32 steps per epoch (256 images, batch 8): epoch 1, step 23 onwards
-                return loss * float("nan")
-        return loss
-    monkeypatch.setattr(train.F, "nll_loss", poisoned)
-    args = train.parse_args(["--model", "gap10k", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "256",
-                             "--batch-size", "8", "--epochs", "1", "--no-progress", "--out", str(tmp_path / "run")])
+    poison_loss(monkeypatch, 23)  # 32 steps per epoch (256 images, batch 8): epoch 1, step 23
     with pytest.raises(train.Diverged, match="at epoch 1, step 23$"):
-        train.run(args)
+        train.run(nan_run(tmp_path, mnist_dir, "--batch-size", "8", "--epochs", "1"))
     assert not (tmp_path / "run" / "last.pt").exists()
