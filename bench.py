@@ -106,11 +106,12 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers,
         rates = []
         # first pass: warm-up (compilation, graph capture, worker start-up, allocator), then timed repeats
         for r in range(repeats + 1):
-            loader = make_loader()
-            seconds = timer(lambda: train.train_epoch(net, opt, sched, every, itertools.islice(loader, steps), steps,
-                                                      progress=False, channels_last=channels_last, amp=amp))
+            loader, done = make_loader(), []
+            seconds = timer(lambda: done.append(train.train_epoch(
+                net, opt, sched, every, itertools.islice(loader, steps), steps, progress=False,
+                channels_last=channels_last, amp=amp)))
             if r:
-                rates.append(steps * bs / seconds)
+                rates.append(done[0][2] / seconds)  # images actually seen (an epoch's last batch is short)
         records.append(dict(task="train", model=name, device=device.type, backend=backend, variant=variant,
                             batch_size=bs, threads=torch.get_num_threads() if device.type == "cpu" else None,
                             steps=steps, metric="images_per_s", value=round(statistics.median(rates), 1),
