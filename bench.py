@@ -28,6 +28,7 @@ import tempfile
 import time
 
 import torch
+from torch._dynamo.utils import counters
 
 import data
 import export
@@ -103,6 +104,7 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers,
         opt = models.build_optimizer(recipe, model)
         sched, every = models.build_schedule(recipe, opt, 1000, steps)  # long schedule: no step limit
         net = train.compile_model(model, cudagraphs="cudagraphs" in on) if "compile" in on else model
+        graph_skips = counters["inductor"]["cudagraph_skips"]
         rates = []
         # first pass: warm-up (compilation, graph capture, worker start-up, allocator), then timed repeats
         for r in range(repeats + 1):
@@ -116,6 +118,9 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers,
                             batch_size=bs, threads=torch.get_num_threads() if device.type == "cpu" else None,
                             steps=steps, metric="images_per_s", value=round(statistics.median(rates), 1),
                             unit="images/s"))
+        if "cudagraphs" in on and counters["inductor"]["cudagraph_skips"] > graph_skips:
+            records[-1]["note"] = "inductor skipped CUDA graphs (see its warning): this is torch.compile alone"
+            skipped.append(f"train {name} {device.type} {backend}/{variant}: {records[-1]['note']}")
 
     gen = torch.Generator(device=device).manual_seed(0)
     dev_x, dev_y = images.to(device), labels.to(device)
@@ -208,6 +213,9 @@ def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, re
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads if device.type == "cpu" else 0
         sess = ort.InferenceSession(fn, opts, providers=[provider])
+        sess.disable_fallback()  # a CUDA provider that fails must not quietly time the CPU instead
+        if sess.get_providers()[0] != provider:
+            raise RuntimeError(f"onnxruntime could not start {provider} (it offered {sess.get_providers()})")
         a1, ab = x1.cpu().numpy(), xb.cpu().numpy()  # numpy in, numpy out: what an ORT user times
         run1 = lambda: sess.run(None, {"image": a1})  # noqa: E731
         runb = lambda: sess.run(None, {"image": ab})  # noqa: E731

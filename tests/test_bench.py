@@ -59,3 +59,28 @@ def test_bad_input_is_one_line(args, message, mnist_dir):
     with pytest.raises(SystemExit) as e:
         bench.main(["--data-dir", mnist_dir] + args)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cuda_graphs_that_inductor_skipped_are_flagged(tmp_path, mnist_dir, monkeypatch):
+    """A 'cudagraphs' figure that ran without graphs says so (simulated on CPU: no GPU in CI)."""
+    from torch._dynamo.utils import counters
+
+    class CompiledWithoutGraphs(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            counters["inductor"]["cudagraph_skips"] += 1   # what inductor does on a call it will not graph
+            return self.model(x)
+
+    def compile_without_graphs(model, cudagraphs=None):
+        return CompiledWithoutGraphs(model)
+    monkeypatch.setattr(train, "compile_model", compile_without_graphs)
+    monkeypatch.setitem(bench.VARIANTS, "cudagraphs", ({"compile", "cudagraphs"}, ("cpu",)))
+    out = tmp_path / "bench.json"
+    bench.main(TINY + ["--data-dir", mnist_dir, "--task", "train", "--variant", "cudagraphs", "--json", str(out)])
+    got = json.loads(out.read_text())
+    fast = [r for r in got["records"] if r["backend"] == "fast-pipeline"]
+    assert len(fast) == 1 and "torch.compile alone" in fast[0]["note"]
+    assert got["environment"]["skipped"][0].startswith("train gap10k cpu fast-pipeline/cudagraphs: inductor skipped")
