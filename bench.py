@@ -158,9 +158,21 @@ def inference_backends(name, device, tmp, wanted, skipped):
     """backend -> function of a float32 [N, 1, 28, 28] [0, 1] tensor on `device` (onnxruntime: the
     .onnx path, a session is made per thread count in bench_infer), and the ONNX Runtime provider."""
     model = models.build_model(name).eval()
-    module = export.Exportable(model).eval().to(device)
-    ckpt = dict(model_name=name, model=model.state_dict(), test_acc=0.0, epoch=0)
     out = {}
+    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    if "onnxruntime" in wanted:  # exported from the CPU model, before it moves to `device`
+        import onnxruntime as ort
+        try:
+            if provider not in ort.get_available_providers():
+                raise RuntimeError(f"{provider} is not in this onnxruntime build "
+                                   f"(pip install onnxruntime-gpu for CUDA)")
+            onnx_path = os.path.join(tmp, name + ".onnx")
+            ckpt = dict(model_name=name, model=model.state_dict(), test_acc=0.0, epoch=0)
+            export.export_onnx(export.Exportable(model).eval(), onnx_path, export.metadata(ckpt), 18)
+            out["onnxruntime"] = onnx_path
+        except Exception as e:
+            skipped.append(f"infer {name} {device.type} onnxruntime: {one_line(e)}")
+    module = export.Exportable(model).eval().to(device)
 
     def no_grad(fn):
         def run(x):
@@ -176,17 +188,7 @@ def inference_backends(name, device, tmp, wanted, skipped):
             out[backend] = no_grad(makers[backend]())
         except Exception as e:
             skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
-    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-    if "onnxruntime" in wanted:
-        import onnxruntime as ort
-        if provider in ort.get_available_providers():
-            onnx_path = os.path.join(tmp, name + ".onnx")
-            export.export_onnx(export.Exportable(model).eval(), onnx_path, export.metadata(ckpt), 18)
-            out["onnxruntime"] = onnx_path
-        else:
-            skipped.append(f"infer {name} {device.type} onnxruntime: {provider} not available in this onnxruntime "
-                           f"build (pip install onnxruntime-gpu for CUDA)")
-    return out, provider
+    return {b: out[b] for b in wanted if b in out}, provider
 
 
 def bench_infer(name, device, threads_list, repeats, calls, wanted, skipped):

@@ -84,3 +84,17 @@ def test_cuda_graphs_that_inductor_skipped_are_flagged(tmp_path, mnist_dir, monk
     fast = [r for r in got["records"] if r["backend"] == "fast-pipeline"]
     assert len(fast) == 1 and "torch.compile alone" in fast[0]["note"]
     assert got["environment"]["skipped"][0].startswith("train gap10k cpu fast-pipeline/cudagraphs: inductor skipped")
+
+
+def test_a_failing_export_costs_only_its_backend(tmp_path, mnist_dir, monkeypatch):
+    import export
+
+    def broken(*a, **k):
+        raise ValueError("exporter broke")
+    monkeypatch.setattr(export, "export_onnx", broken)
+    out = tmp_path / "bench.json"
+    bench.main(TINY + ["--data-dir", mnist_dir, "--task", "infer", "--backend", "eager", "onnxruntime",
+                       "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert {r["backend"] for r in got["records"]} == {"eager"}
+    assert got["environment"]["skipped"] == ["infer gap10k cpu onnxruntime: ValueError: exporter broke"]
