@@ -134,13 +134,14 @@ def affine_grid(angles, shifts, size=28):
     grid, align_corners=False): rotate(img, a) is affine_grid(a, 0) and
     affine(img, angle=a, translate=t) is affine_grid(-a, t)."""
     n = angles.shape[0]
-    r = torch.deg2rad(-angles.double())
+    exact = torch.device("cpu") if angles.device.type == "mps" else angles.device  # MPS has no float64
+    r = torch.deg2rad(-angles.to(exact, torch.float64))
     cos, sin = torch.cos(r), torch.sin(r)
-    tx, ty = shifts[:, 0].double(), shifts[:, 1].double()
+    tx, ty = shifts[:, 0].to(exact, torch.float64), shifts[:, 1].to(exact, torch.float64)
     theta = torch.stack([
         torch.stack([cos, sin, -cos * tx - sin * ty], 1),
         torch.stack([-sin, cos, sin * tx - cos * ty], 1),
-    ], 1).float()  # inverse affine matrix, [N, 2, 3]
+    ], 1).float().to(angles.device)  # inverse affine matrix, [N, 2, 3]
     xs = torch.linspace(-size * 0.5 + 0.5, size * 0.5 - 0.5, steps=size, device=angles.device)
     base = torch.empty(1, size, size, 3, device=angles.device)
     base[..., 0].copy_(xs)

@@ -218,7 +218,7 @@ def train_epoch(model, optimizer, scheduler, step_every, loader, steps, desc="",
 
     def sync(step):
         nonlocal total_loss, correct
-        losses = torch.stack(window).double().cpu()  # one per step since the last sync
+        losses = torch.stack(window).cpu().double()  # one per step since the last sync (MPS has no float64)
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             first = step - len(window) + 1 + int(bad[0])
