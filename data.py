@@ -114,6 +114,11 @@ def load(split, data_dir=None):
     return _cache[key]
 
 
+def to_unit(images):
+    """uint8 images [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1] (what ToTensor gives)."""
+    return images.unsqueeze(1).float().div_(255)
+
+
 def normalize(x):
     """uint8 or [0, 1] float images [N, 28, 28] or [N, 1, 28, 28] -> normalised float [N, 1, 28, 28]."""
     if x.dtype == torch.uint8:
@@ -183,7 +188,7 @@ def batches(images, labels, batch_size, aug=None, shuffle=True, gen=None):
     order = torch.randperm(n, generator=gen, device=images.device) if shuffle else torch.arange(n, device=images.device)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
-        x = images[idx].unsqueeze(1).float().div_(255)
+        x = to_unit(images[idx])
         x = augment(x, aug, gen)
         yield (x - MEAN) / STD, labels[idx]
 

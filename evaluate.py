@@ -171,14 +171,14 @@ def evaluate(source_path, kind, out, data_dir, device):
             raise train.UsageError(f"artifact {source_path} does not exist")
         try:
             name = export.artifact_metadata(source_path).get("model", "?")
-            logp = export.predict_artifact(source_path, images.unsqueeze(1).float() / 255)
+            logp = export.predict_artifact(source_path, images)
         except Exception as e:
             raise train.UsageError(f"cannot run {source_path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     else:
         ckpt = train.load_checkpoint(source_path)
         name, recorded = ckpt["model_name"], ckpt["test_acc"]
         model = train.model_from_checkpoint(ckpt).to(device)
-        logp = train.predict(model, data.normalize(images).to(device))
+        logp = train.predict(model, images)
         if os.path.isfile(os.path.join(os.path.dirname(source_path), "metrics.csv")):
             run_dir = os.path.dirname(source_path)
     r = report(labels, logp)

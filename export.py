@@ -104,16 +104,17 @@ def artifact_metadata(path):
     return json.loads(extra["metadata.json"] or "{}")
 
 
-def predict_artifact(path, images01, batch_size=1000):
+def predict_artifact(path, images, batch_size=1000):
+    """Log-probabilities [N, 10] of an exported file for uint8 images [N, 28, 28]."""
     run = artifact_runner(path)
-    x = images01.numpy().astype(np.float32)
+    x = data.to_unit(images).numpy()
     return torch.from_numpy(np.concatenate([run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]))
 
 
-def verify(path, reference, images01, labels, tolerance):
+def verify(path, reference, images, labels, tolerance):
     """Compare an exported file with the PyTorch log-probabilities on every test image."""
-    got = predict_artifact(path, images01)
-    single = predict_artifact(path, images01[:1], batch_size=1)  # batch 1 must work too
+    got = predict_artifact(path, images)
+    single = predict_artifact(path, images[:1], batch_size=1)  # batch 1 must work too
     same = int((got.argmax(1) == reference.argmax(1)).sum())
     diff = float((got - reference).abs().max())
     diff1 = float((single - reference[:1]).abs().max())
@@ -128,8 +129,7 @@ def export(ckpt, fmt, out_dir, opset, data_dir, tolerance):
     model = train.model_from_checkpoint(ckpt)
     module = Exportable(model).eval()
     images, labels = data.load("test", data_dir)
-    images01 = images.unsqueeze(1).float() / 255
-    reference = train.predict(model, data.normalize(images))
+    reference = train.predict(model, images)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name + SUFFIX[fmt])
     staged = path + ".staged" + SUFFIX[fmt]
@@ -138,7 +138,7 @@ def export(ckpt, fmt, out_dir, opset, data_dir, tolerance):
             export_onnx(module, staged, metadata(ckpt), opset)
         else:
             export_torchscript(module, staged, metadata(ckpt))
-        figures = verify(staged, reference, images01, labels, tolerance)
+        figures = verify(staged, reference, images, labels, tolerance)
         if not figures["ok"]:
             raise train.UsageError(f"{fmt} export of {name} does not match PyTorch: {figures['same_predictions']}/"
                                    f"{figures['images']} same predictions, max |diff| {figures['max_abs_diff']:.2e} "

@@ -75,7 +75,7 @@ def train_set_accuracy(ckpt_path, data_dir, device):
     """Accuracy on the 60,000 training images (no augmentation): what seed 001 called its test set."""
     model = train.model_from_checkpoint(train.load_checkpoint(ckpt_path)).to(device)
     x, y = data.load("train", data_dir)
-    return train.score(train.predict(model, data.normalize(x).to(device)), y)[2]
+    return train.score(train.predict(model, x), y)[2]
 
 
 def publish_pretrained(name, seed):

@@ -257,11 +257,13 @@ def train_epoch(model, optimizer, scheduler, step_every, loader, steps, desc="",
 
 
 @torch.no_grad()
-def predict(model, x, batch_size=1000):
-    """Log-probabilities [N, 10] on the CPU for normalised images x [N, 1, 28, 28]."""
+def predict(model, images, batch_size=1000):
+    """Log-probabilities [N, 10] on the CPU for uint8 images [N, 28, 28] (on any device); each batch is
+    moved to the model's device and normalised there."""
     model.eval()
     dev = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch_size].to(dev)).float().cpu() for i in range(0, len(x), batch_size)])
+    return torch.cat([model(data.normalize(images[i:i + batch_size].to(dev))).float().cpu()
+                      for i in range(0, len(images), batch_size)])
 
 
 def score(logp, y):
@@ -378,7 +380,7 @@ def run(args):
     if args.subset:
         train_x, train_y = train_x[:args.subset], train_y[:args.subset]
     train_x, train_y = train_x.to(device), train_y.to(device)
-    test_x, test_y = data.normalize(test_x).to(device), test_y.to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
 
     model = recipe["model"]().to(device)
     if args.channels_last:

@@ -44,7 +44,7 @@ def test_onnxruntime_predicts_like_the_checkpoint(exported, mnist_dir):
     """Independent of export.verify: a fresh onnxruntime session on the test set, batches 1 and 1000."""
     out, ckpt, _ = exported
     x, y = data.load("test", mnist_dir)
-    ref = train.predict(train.model_from_checkpoint(ckpt), data.normalize(x))
+    ref = train.predict(train.model_from_checkpoint(ckpt), x)
     sess = ort.InferenceSession(str(out / "bn_fc.onnx"), providers=["CPUExecutionProvider"])
     x01 = (x.unsqueeze(1).float() / 255).numpy()
     got = np.concatenate([sess.run(None, {"image": x01[i:i + 1000]})[0] for i in range(0, 10000, 1000)])
