@@ -96,14 +96,10 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers,
     def measure(backend, variant, make_loader):
         on = VARIANTS[variant][0]
         channels_last, amp = "channels_last" in on, "amp" in on
-        model = recipe["model"]().to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if "fast_dropout" in on:
-            train.use_fast_dropout(model)
+        model, net = train.build(recipe, device, channels_last, "fast_dropout" in on, "compile" in on,
+                                 cudagraphs="cudagraphs" in on)
         opt = models.build_optimizer(recipe, model)
         sched, every = models.build_schedule(recipe, opt, 1000, steps)  # long schedule: no step limit
-        net = train.compile_model(model, cudagraphs="cudagraphs" in on) if "compile" in on else model
         graph_skips = counters["inductor"]["cudagraph_skips"]
         rates = []
         # first pass: warm-up (compilation, graph capture, worker start-up, allocator), then timed repeats

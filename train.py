@@ -201,6 +201,17 @@ def compile_model(model, cudagraphs=None):
     return torch.compile(model, mode="reduce-overhead" if graphs else None)
 
 
+def build(recipe, device, channels_last=False, fast_dropout=False, compile=False, cudagraphs=None):
+    """The recipe's model on `device` with the speed flags applied, as (model, net): train `net`
+    (the torch.compile wrapper with compile=True, else the model itself); save and evaluate `model`."""
+    model = recipe["model"]().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if fast_dropout:
+        use_fast_dropout(model)
+    return model, (compile_model(model, cudagraphs) if compile else model)
+
+
 SYNC_EVERY = 20  # steps between host syncs: on CUDA the CPU queues work ahead of the GPU in between
 
 
@@ -382,12 +393,7 @@ def run(args):
     train_x, train_y = train_x.to(device), train_y.to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
 
-    model = recipe["model"]().to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if args.fast_dropout:
-        use_fast_dropout(model)
-    net = compile_model(model) if args.compile else model  # trains the same parameters as `model`
+    model, net = build(recipe, device, args.channels_last, args.fast_dropout, args.compile)
     optimizer = models.build_optimizer(recipe, model, args.lr)
     steps = math.ceil(len(train_y) / batch_size)
     scheduler, every = models.build_schedule(recipe, optimizer, epochs, steps, args.lr)
