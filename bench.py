@@ -207,13 +207,7 @@ def bench_infer(name, device, threads_list, repeats, calls, wanted, skipped):
 
 def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, repeats, calls):
     if backend == "onnxruntime":
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads if device.type == "cpu" else 0
-        sess = ort.InferenceSession(fn, opts, providers=[provider])
-        sess.disable_fallback()  # a CUDA provider that fails must not quietly time the CPU instead
-        if sess.get_providers()[0] != provider:
-            raise RuntimeError(f"onnxruntime could not start {provider} (it offered {sess.get_providers()})")
+        sess = export.ort_session(fn, threads if device.type == "cpu" else None, provider)
         a1, ab = x1.cpu().numpy(), xb.cpu().numpy()  # numpy in, numpy out: what an ORT user times
         run1 = lambda: sess.run(None, {"image": a1})  # noqa: E731
         runb = lambda: sess.run(None, {"image": ab})  # noqa: E731

@@ -76,14 +76,24 @@ def export_torchscript(module, path, meta):
     train.atomic_write(path, lambda f: torch.jit.save(scripted, f, _extra_files={"metadata.json": json.dumps(meta)}))
 
 
+def ort_session(path, threads=None, provider="CPUExecutionProvider"):
+    """An onnxruntime session on exactly `provider`: one that cannot start it raises, and a failing run
+    may not fall back to the CPU quietly (bench.py would then time the CPU as CUDA)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(path, opts, providers=[provider])
+    sess.disable_fallback()
+    if sess.get_providers()[0] != provider:
+        raise RuntimeError(f"onnxruntime could not start {provider} (it offered {sess.get_providers()})")
+    return sess
+
+
 def artifact_runner(path, threads=None):
     """A function [N, 1, 28, 28] float32 [0, 1] numpy -> log-probabilities numpy, for an exported file."""
     if path.endswith(".onnx"):
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        sess = ort_session(path, threads)
         name = sess.get_inputs()[0].name
         return lambda x: sess.run(None, {name: x})[0]
     module = torch.jit.load(path, map_location="cpu").eval()

@@ -4,7 +4,6 @@
     pytest tests/benchmarks --benchmark-compare             # compare with the last saved run
 """
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
@@ -34,9 +33,7 @@ def test_infer(benchmark, exported, backend, batch, threads):
     benchmark.group = f"{name} batch {batch} threads {threads}"
     x = torch.rand(batch, 1, 28, 28)
     if backend == "onnxruntime":
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        sess = export.ort_session(path, threads)
         a = x.numpy()
         out = benchmark(lambda: sess.run(None, {"image": a})[0])
     else:
