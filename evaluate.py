@@ -162,6 +162,12 @@ def render_html(title, r, source, name, summary, metrics_rows, pngs):
 
 # ------------------------------------------------------------------------------- main
 
+def run_folder(checkpoint_path):
+    """The train.py run folder a checkpoint sits in (it has metrics.csv), else None."""
+    folder = os.path.dirname(checkpoint_path)
+    return folder if os.path.isfile(os.path.join(folder, "metrics.csv")) else None
+
+
 def evaluate(source_path, kind, out, data_dir, device):
     """kind: 'checkpoint' or 'artifact'. Writes the report files into `out`, returns the report dict."""
     images, labels = data.load("test", data_dir)
@@ -179,8 +185,7 @@ def evaluate(source_path, kind, out, data_dir, device):
         name, recorded = ckpt["model_name"], ckpt["test_acc"]
         model = train.model_from_checkpoint(ckpt).to(device)
         logp = train.predict(model, images)
-        if os.path.isfile(os.path.join(os.path.dirname(source_path), "metrics.csv")):
-            run_dir = os.path.dirname(source_path)
+        run_dir = run_folder(source_path)
     r = report(labels, logp)
     r.update(model=name, source=source_path, recorded_accuracy=recorded)
     if run_dir and os.path.isfile(os.path.join(run_dir, "summary.json")):
@@ -218,8 +223,7 @@ def main(argv=None):
             path, kind = args.artifact, "artifact"
         else:
             path, kind = export.find_checkpoint(args.model, args.checkpoint), "checkpoint"
-        has_run = kind == "checkpoint" and os.path.isfile(os.path.join(os.path.dirname(path), "metrics.csv"))
-        out = args.out or (os.path.dirname(path) if has_run else os.path.splitext(path)[0] + "-eval")
+        out = args.out or (kind == "checkpoint" and run_folder(path)) or os.path.splitext(path)[0] + "-eval"
         r = evaluate(path, kind, out, args.data_dir, train.get_device(args.device))
     print(f"{r['model']} from {path}")
     print(report_text(r))
