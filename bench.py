@@ -207,7 +207,7 @@ def bench_infer(name, device, threads_list, repeats, calls, wanted, skipped):
 
 def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, repeats, calls):
     if backend == "onnxruntime":
-        sess = export.ort_session(fn, threads if device.type == "cpu" else None, provider)
+        sess = export.ort_session(fn, threads, provider)  # threads is None off the CPU
         a1, ab = x1.cpu().numpy(), xb.cpu().numpy()  # numpy in, numpy out: what an ORT user times
         run1 = lambda: sess.run(None, {"image": a1})  # noqa: E731
         runb = lambda: sess.run(None, {"image": ab})  # noqa: E731
@@ -219,8 +219,7 @@ def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, re
     runb()
     lat = sorted(timer(run1) * 1000 for _ in range(calls))
     rate = statistics.median(BATCH_INFER / timer(runb) for _ in range(repeats))
-    base = dict(task="infer", model=name, device=device.type, backend=backend,
-                threads=threads if device.type == "cpu" else None)
+    base = dict(task="infer", model=name, device=device.type, backend=backend, threads=threads)
     return [dict(base, batch_size=1, metric="p50_ms", value=round(lat[len(lat) // 2], 4), unit="ms"),
             dict(base, batch_size=1, metric="p99_ms", value=round(lat[math.ceil(len(lat) * 0.99) - 1], 4), unit="ms"),
             dict(base, batch_size=BATCH_INFER, metric="images_per_s", value=round(rate, 1), unit="images/s")]
@@ -294,15 +293,11 @@ def main(argv=None):
         names = args.model or (["gap10k"] if args.quick else list(models.RECIPES))
         for n in names:
             models.get_recipe(n)
-        for flag in ("steps", "repeats", "calls"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 1:
-                raise train.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+        train.check_at_least_one(args, "steps", "repeats", "calls")
         if args.device:
             devices = [train.get_device(d) for d in args.device]
         else:
-            present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + \
-                      (["mps"] if torch.backends.mps.is_available() else [])
-            devices = [torch.device(d) for d in (["cpu"] if args.quick else present)]
+            devices = [torch.device(d) for d in (["cpu"] if args.quick else train.devices_present())]
         images, labels = data.load("train", args.data_dir)
         folder = os.path.dirname(os.path.abspath(args.json)) if args.json else "."
         if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # fail now, not after the run

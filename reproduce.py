@@ -120,10 +120,9 @@ def main(argv=None):
     with train.one_line_errors():
         for name in args.models:
             models.get_recipe(name)
+        train.check_at_least_one(args, "seeds")
         device = train.get_device(args.device)
         seeds = args.seeds or (3 if device.type == "cuda" else 1)
-        if seeds < 1:
-            raise train.UsageError("--seeds must be at least 1")
         results, t0 = {}, time.time()
         for name in args.models:
             epochs = models.RECIPES[name]["epochs"]

@@ -110,17 +110,19 @@ def model_from_checkpoint(ckpt):
     return model.eval()
 
 
+def devices_present():
+    """The device types this machine has: cpu, then cuda and mps where present."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + \
+        (["mps"] if torch.backends.mps.is_available() else [])
+
+
 def get_device(name="auto"):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+    present = devices_present()
+    if name == "auto":  # CUDA, then MPS, then CPU
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if d in present))
     if name not in ("cpu", "cuda", "mps"):
         raise UsageError(f"unknown device '{name}'; choose auto, cpu, cuda or mps")
-    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not present[name]:
+    if name not in present:
         raise UsageError(f"device '{name}' is not present on this machine; use --device cpu or auto")
     return torch.device(name)
 
@@ -319,12 +321,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_args(args):
-    models.get_recipe(args.model)
-    for flag in ("epochs", "batch_size", "subset"):
+def check_at_least_one(args, *flags):
+    """One-line error for an integer option (None: not given) below 1."""
+    for flag in flags:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {v}")
+
+
+def check_args(args):
+    models.get_recipe(args.model)
+    check_at_least_one(args, "epochs", "batch_size", "subset")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
 
