@@ -286,12 +286,11 @@ def score(logp, y):
 
 
 def make_loader(pipeline, images, labels, recipe, batch_size, gen, device, seed, workers):
-    """Training batches and their count, for either pipeline."""
-    steps = math.ceil(len(labels) / batch_size)
+    """One epoch's training batches, for either pipeline."""
     if pipeline == "fast":
-        return data.batches(images, labels, batch_size, recipe["augment"], gen=gen), steps
+        return data.batches(images, labels, batch_size, recipe["augment"], gen=gen)
     return data.seed_loader(images.cpu(), labels.cpu(), batch_size, recipe["augment"], seed=seed,
-                            workers=workers, pin_memory=device.type == "cuda"), steps
+                            workers=workers, pin_memory=device.type == "cuda")
 
 
 # ------------------------------------------------------------------------------ the run
@@ -425,8 +424,7 @@ def run(args):
     info = dict(model=args.model, params=n_params, device=str(device), device_name=device_name(device),
                 batch_size=batch_size, epochs=epochs, seed=args.seed, pipeline=args.pipeline,
                 channels_last=args.channels_last, amp=args.amp, fast_dropout=args.fast_dropout,
-                compile=args.compile,
-                train_images=len(train_y), out=out)
+                compile=args.compile, train_images=len(train_y), out=out)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     info.update(documented=recipe["documented"], reconstructed=recipe["reconstructed"], lr=args.lr,
                 subset=args.subset, python=platform.python_version(), torch=torch.__version__,
@@ -436,7 +434,7 @@ def run(args):
     loader_args = (args.pipeline, train_x, train_y, recipe, batch_size, gen, device, args.seed, args.workers)
     for epoch in range(start, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loader, steps = make_loader(*loader_args)
+        loader = make_loader(*loader_args)
         t0 = time.time()
         train_loss, train_acc, seen = train_epoch(net, optimizer, scheduler, every, loader, steps,
                                                   desc=f"epoch {epoch}/{epochs}", epoch=epoch,
