@@ -285,11 +285,12 @@ def score(logp, y):
     return F.nll_loss(logp, y.cpu()).item(), correct, round(100 * correct / len(y), 2)
 
 
-def make_loader(pipeline, images, labels, recipe, batch_size, gen, device, seed, workers):
-    """One epoch's training batches, for either pipeline."""
+def make_loader(pipeline, images, labels, recipe, batch_size, gen, device, seed, workers, epoch):
+    """Epoch `epoch`'s training batches, for either pipeline. The seed-style DataLoader is seeded
+    from (seed, epoch): a new shuffle and new augmentations every epoch, the same ones on --resume."""
     if pipeline == "fast":
         return data.batches(images, labels, batch_size, recipe["augment"], gen=gen)
-    return data.seed_loader(images.cpu(), labels.cpu(), batch_size, recipe["augment"], seed=seed,
+    return data.seed_loader(images.cpu(), labels.cpu(), batch_size, recipe["augment"], seed=seed * 10_000 + epoch,
                             workers=workers, pin_memory=device.type == "cuda")
 
 
@@ -434,7 +435,7 @@ def run(args):
     loader_args = (args.pipeline, train_x, train_y, recipe, batch_size, gen, device, args.seed, args.workers)
     for epoch in range(start, epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
-        loader = make_loader(*loader_args)
+        loader = make_loader(*loader_args, epoch)
         t0 = time.time()
         train_loss, train_acc, seen = train_epoch(net, optimizer, scheduler, every, loader, steps,
                                                   desc=f"epoch {epoch}/{epochs}", epoch=epoch,

@@ -98,6 +98,20 @@ def test_fast_dropout_is_dropout():
     assert sum(isinstance(m, train.FastDropout) for m in model.modules()) == 6
 
 
+def test_seed_pipeline_reshuffles_every_epoch(mnist_dir):
+    """--pipeline torchvision: each epoch its own order and augmentations, reproducible per (seed, epoch)."""
+    x, y = train.data.load("train", mnist_dir)
+    recipe = __import__("models").RECIPES["gap10k"]
+
+    def first_batch(epoch):
+        loader = train.make_loader("torchvision", x[:1024], y[:1024], recipe, 128, None, torch.device("cpu"), 1, 1,
+                                   epoch)
+        return next(iter(loader))
+    (x1, y1), (x2, y2), (x1b, y1b) = first_batch(1), first_batch(2), first_batch(1)
+    assert not torch.equal(y1, y2) and not torch.equal(x1, x2)
+    assert torch.equal(y1, y1b) and torch.equal(x1, x1b)
+
+
 def test_compile_trains_the_same_weights(tmp_path, mnist_dir):
     """--compile trains the module's own parameters and buffers (BatchNorm stats included) and writes
     plain checkpoints; bn_fc has no dropout, so eager and compiled runs agree to rounding."""
