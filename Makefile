@@ -1,34 +1,41 @@
-# make install | test | train MODEL=gap10k [ARGS="--epochs 1"] | evaluate | export | bench [FULL=1] | reproduce | clean
+# Plain targets over the scripts; `make` alone lists them.
 PY := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 MODEL ?= bn_gap
 ARGS ?=
 
-.PHONY: install test train evaluate export bench bench-pytest reproduce clean
+.PHONY: help install test train evaluate export bench bench-pytest reproduce gpu-check clean
+.DEFAULT_GOAL := help
 
-install:
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+install:  ## python3 -m venv .venv, then pip install -r requirements.txt
 	python3 -m venv .venv
 	.venv/bin/pip install -r requirements.txt
 
-test:
+test:  ## the test suite (what CI runs)
 	$(PY) -m pytest
 
-train:
+train:  ## train MODEL (default bn_gap) with its recipe; ARGS="--epochs 1" etc.
 	$(PY) train.py --model $(MODEL) $(ARGS)
 
-evaluate:
+evaluate:  ## evaluate MODEL's latest best checkpoint (else pretrained/) on the test set
 	$(PY) evaluate.py --model $(MODEL) $(ARGS)
 
-export:
+export:  ## export MODEL to every format, each verified on all test images
 	$(PY) export.py --model $(MODEL) --format all $(ARGS)
 
-bench:
-	$(PY) bench.py $(if $(FULL),--full,--quick) --json bench.json $(ARGS)
+bench:  ## quick speed table (gap10k, CPU); FULL=1: every model on every device
+	$(PY) bench.py $(if $(FULL),,--quick) --json bench.json $(ARGS)
 
-bench-pytest:
+bench-pytest:  ## pytest-benchmark inference micro-benchmarks
 	$(PY) -m pytest tests/benchmarks -p no:cacheprovider --benchmark-autosave $(ARGS)
 
-reproduce:
+reproduce:  ## train every recipe over SEEDS seeds, write REPRODUCTION.md
 	$(PY) reproduce.py $(if $(SEEDS),--seeds $(SEEDS),) $(ARGS)
 
-clean:
+gpu-check:  ## the prepared GPU run (or its CPU rehearsal): results into OUT (default gpu-check/)
+	bash gpu_check.sh $(or $(OUT),gpu-check)
+
+clean:  ## remove runs, exports, benchmark output and caches
 	rm -rf runs exports .pytest_cache .benchmarks __pycache__ tests/__pycache__ bench.json

@@ -1,7 +1,7 @@
 """Training throughput and inference latency, side by side in one run.
 
     python bench.py --quick                 # gap10k on CPU, under 5 minutes on 2 cores (make bench)
-    python bench.py --full --json bench.json  # every model on every device found (make bench FULL=1)
+    python bench.py --json bench.json       # every model on every device found (make bench FULL=1)
     python bench.py --model bn_fc --device cpu --task infer --backend eager onnxruntime
 
 train  images/s at the recipe's batch size with its augmentation, for the seed-style pipeline
@@ -18,7 +18,6 @@ fails is listed under "not measured" with its error; the rest of the table still
 import argparse
 import datetime
 import itertools
-import json
 import math
 import os
 import platform
@@ -27,13 +26,18 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 from torch._dynamo.utils import counters
 
+import artifacts
 import data
-import export
 import models
 import train
+from common import (check_at_least, check_out_file, device_name, devices_present, get_device, git_commit,
+                    one_line_errors, save_json)
+
+NOISY = 0.2  # a figure whose timed repeats spread by more than this share of their median is flagged
 
 BATCH_INFER = 1024
 
@@ -85,40 +89,39 @@ QUICK = ["eager", "amp", "amp+fast_dropout", "channels_last+amp+fast_dropout", "
          "cudagraphs"]
 
 
-def bench_train(name, device, images, labels, steps, repeats, variants, workers, skipped):
-    """Records of training images/s for the seed pipeline and each fast-pipeline variant.
-    A variant that fails (say, CUDA graphs on an unusual build) is noted in `skipped`, not fatal."""
+def bench_train(name, device, images, labels, steps, repeats, variants, workers, progress):
+    """(records, skipped) of training images/s for the seed pipeline and each fast-pipeline variant.
+    A variant that fails (say, CUDA graphs on an unusual build) is noted in skipped, not fatal."""
     recipe = models.RECIPES[name]
     bs = recipe["batch_size"]
     timer = Timer(device)
-    records = []
+    records, skipped = [], []
 
     def measure(backend, variant, make_loader):
         on = VARIANTS[variant][0]
-        channels_last, amp = "channels_last" in on, "amp" in on
-        model, net = train.build(recipe, device, channels_last, "fast_dropout" in on, "compile" in on,
-                                 cudagraphs="cudagraphs" in on)
+        model, net = models.build(recipe, device, "channels_last" in on, "fast_dropout" in on, "compile" in on,
+                                  cudagraphs="cudagraphs" in on)
         opt = models.build_optimizer(recipe, model)
         sched, every = models.build_schedule(recipe, opt, 1000, steps)  # long schedule: no step limit
+        step = train.Step(net, opt, sched, every, "channels_last" in on, "amp" in on)
         graph_skips = counters["inductor"]["cudagraph_skips"]
         rates = []
         # first pass: warm-up (compilation, graph capture, worker start-up, allocator), then timed repeats
         for r in range(repeats + 1):
             loader, done = make_loader(), []
-            seconds = timer(lambda: done.append(train.train_epoch(
-                net, opt, sched, every, itertools.islice(loader, steps), steps, progress=False,
-                channels_last=channels_last, amp=amp)))
+            seconds = timer(lambda: done.append(train.train_epoch(step, itertools.islice(loader, steps), steps,
+                                                                  progress=False)))
             if r:
                 rates.append(done[0][2] / seconds)  # images actually seen (an epoch's last batch is short)
         records.append(dict(task="train", model=name, device=device.type, backend=backend, variant=variant,
                             batch_size=bs, threads=torch.get_num_threads() if device.type == "cpu" else None,
                             steps=steps, metric="images_per_s", value=round(statistics.median(rates), 1),
-                            unit="images/s"))
+                            unit="images/s", spread=spread(rates)))
         if "cudagraphs" in on and counters["inductor"]["cudagraph_skips"] > graph_skips:
             records[-1]["note"] = "inductor skipped CUDA graphs (see its warning): this is torch.compile alone"
             skipped.append(f"train {name} {device.type} {backend}/{variant}: {records[-1]['note']}")
 
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = data.generator(0, device)
     dev_x, dev_y = images.to(device), labels.to(device)
     seed_loader = data.seed_loader(images.cpu(), labels.cpu(), bs, recipe["augment"], workers=workers,
                                    pin_memory=device.type == "cuda")
@@ -127,7 +130,8 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers,
     todo += [("fast-pipeline", v, lambda: data.batches(dev_x, dev_y, bs, recipe["augment"], gen=gen))
              for v in variants if device.type in VARIANTS[v][1]
              and (has_dropout or "fast_dropout" not in VARIANTS[v][0])]  # else it is the same as without
-    for backend, variant, make_loader in todo:
+    for i, (backend, variant, make_loader) in enumerate(todo, 1):
+        progress(f"train {name} {device.type} {backend}/{variant} ({i} of {len(todo)})")
         try:
             measure(backend, variant, make_loader)
         except Exception as e:  # report and go on: one broken variant must not lose the whole table
@@ -137,7 +141,12 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers,
         best = max(fast, key=lambda r: r["value"])
         for r in fast:
             r["best"] = r is best
-    return records
+    return records, skipped
+
+
+def spread(values):
+    """(max - min) / median of the timed repeats: how far apart they were."""
+    return round((max(values) - min(values)) / statistics.median(values), 3) if len(values) > 1 else 0.0
 
 
 def one_line(e):
@@ -150,11 +159,11 @@ def one_line(e):
 BACKENDS = ["eager", "torchscript", "compile", "onnxruntime"]
 
 
-def inference_backends(name, device, tmp, wanted, skipped):
-    """backend -> function of a float32 [N, 1, 28, 28] [0, 1] tensor on `device` (onnxruntime: the
-    .onnx path, a session is made per thread count in bench_infer), and the ONNX Runtime provider."""
+def inference_backends(name, device, tmp, wanted):
+    """(backend -> function of a float32 [N, 1, 28, 28] [0, 1] tensor on `device` (onnxruntime: the .onnx
+    path; a session is made per thread count in bench_infer), the ONNX Runtime provider, skipped)."""
     model = models.build_model(name).eval()
-    out = {}
+    out, skipped = {}, []
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
     if "onnxruntime" in wanted:  # exported from the CPU model, before it moves to `device`
         import onnxruntime as ort
@@ -164,11 +173,11 @@ def inference_backends(name, device, tmp, wanted, skipped):
                                    f"(pip install onnxruntime-gpu for CUDA)")
             onnx_path = os.path.join(tmp, name + ".onnx")
             ckpt = dict(model_name=name, model=model.state_dict(), test_acc=0.0, epoch=0)
-            export.export_onnx(export.Exportable(model).eval(), onnx_path, export.metadata(ckpt), 18)
+            artifacts.write_onnx(artifacts.Exportable(model).eval(), onnx_path, artifacts.metadata(ckpt), 18)
             out["onnxruntime"] = onnx_path
         except Exception as e:
             skipped.append(f"infer {name} {device.type} onnxruntime: {one_line(e)}")
-    module = export.Exportable(model).eval().to(device)
+    module = artifacts.Exportable(model).eval().to(device)
 
     def no_grad(fn):
         def run(x):
@@ -178,39 +187,58 @@ def inference_backends(name, device, tmp, wanted, skipped):
 
     makers = dict(eager=lambda: module,
                   torchscript=lambda: torch.jit.freeze(torch.jit.script(module)),
-                  compile=lambda: train.compile_model(module))  # CUDA graphs on CUDA: batch 1 is launch-bound
+                  compile=lambda: models.compile_model(module))  # CUDA graphs on CUDA: batch 1 is launch-bound
     for backend in [b for b in wanted if b in makers]:
         try:
             out[backend] = no_grad(makers[backend]())
         except Exception as e:
             skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
-    return {b: out[b] for b in wanted if b in out}, provider
+    return {b: out[b] for b in wanted if b in out}, provider, skipped
 
 
-def bench_infer(name, device, threads_list, repeats, calls, wanted, skipped):
+def bench_infer(name, device, threads_list, repeats, calls, wanted, progress):
+    """(records, skipped) of batch-1 latency and batch-1024 throughput for each backend and thread count."""
     records = []
     timer = Timer(device)
     x1 = torch.rand(1, 1, 28, 28, device=device)
     xb = torch.rand(BATCH_INFER, 1, 28, 28, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        backends, provider = inference_backends(name, device, tmp, wanted, skipped)
-        for threads in threads_list:
+        backends, provider, skipped = inference_backends(name, device, tmp, wanted)
+        todo = [(t, b) for t in threads_list for b in backends]
+        for i, (threads, backend) in enumerate(todo, 1):
+            progress(f"infer {name} {device.type} {backend}, threads {threads or '-'} ({i} of {len(todo)})")
             if device.type == "cpu":
                 torch.set_num_threads(threads)
-            for backend, fn in backends.items():
-                try:
-                    records += time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, repeats, calls)
-                except Exception as e:
-                    skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
-    return records
+            try:
+                got = time_backend(name, device, backend, backends[backend], provider, threads, timer, x1, xb,
+                                   repeats, calls)
+                records += got
+                if any("note" in r for r in got):
+                    skipped.append(f"infer {name} {device.type} {backend}: {got[0]['note']}")
+            except Exception as e:
+                skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
+    return records, skipped
+
+
+def ort_runners(sess, provider, x1, xb):
+    """Batch-1 and batch-1024 calls of an ORT session. On CUDA the inputs and outputs stay on the GPU
+    (IO binding), so ORT does the same work the torch backends do; on the CPU, numpy in and out."""
+    if provider == "CUDAExecutionProvider":
+        def bound(x):
+            b = sess.io_binding()
+            b.bind_input("image", "cuda", x.device.index or 0, np.float32, list(x.shape), x.data_ptr())
+            b.bind_output("log_probs", "cuda", x.device.index or 0)
+            return lambda: sess.run_with_iobinding(b)
+        return bound(x1), bound(xb)
+    a1, ab = x1.cpu().numpy(), xb.cpu().numpy()
+    return (lambda: sess.run(None, {"image": a1})), (lambda: sess.run(None, {"image": ab}))
 
 
 def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, repeats, calls):
+    graph_skips = counters["inductor"]["cudagraph_skips"]
     if backend == "onnxruntime":
-        sess = export.ort_session(fn, threads, provider)  # threads is None off the CPU
-        a1, ab = x1.cpu().numpy(), xb.cpu().numpy()  # numpy in, numpy out: what an ORT user times
-        run1 = lambda: sess.run(None, {"image": a1})  # noqa: E731
-        runb = lambda: sess.run(None, {"image": ab})  # noqa: E731
+        sess = artifacts.ort_session(fn, threads, provider)  # threads is None off the CPU
+        run1, runb = ort_runners(sess, provider, x1, xb)
     else:
         run1, runb = (lambda: fn(x1)), (lambda: fn(xb))
     for _ in range(max(10, calls // 10)):   # warm-up (compile, graph capture, allocator, caches)
@@ -218,11 +246,16 @@ def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, re
     runb()
     runb()
     lat = sorted(timer(run1) * 1000 for _ in range(calls))
-    rate = statistics.median(BATCH_INFER / timer(runb) for _ in range(repeats))
-    base = dict(task="infer", model=name, device=device.type, backend=backend, threads=threads)
+    rates = [BATCH_INFER / timer(runb) for _ in range(repeats)]
+    # on MPS, onnxruntime runs on the CPU (it has no MPS provider): label it so
+    where = "cpu" if backend == "onnxruntime" and device.type == "mps" else device.type
+    base = dict(task="infer", model=name, device=where, backend=backend, threads=threads)
+    if backend == "compile" and device.type == "cuda" and counters["inductor"]["cudagraph_skips"] > graph_skips:
+        base["note"] = "inductor skipped CUDA graphs (see its warning): this is torch.compile alone"
     return [dict(base, batch_size=1, metric="p50_ms", value=round(lat[len(lat) // 2], 4), unit="ms"),
             dict(base, batch_size=1, metric="p99_ms", value=round(lat[math.ceil(len(lat) * 0.99) - 1], 4), unit="ms"),
-            dict(base, batch_size=BATCH_INFER, metric="images_per_s", value=round(rate, 1), unit="images/s")]
+            dict(base, batch_size=BATCH_INFER, metric="images_per_s", value=round(statistics.median(rates), 1),
+                 unit="images/s", spread=spread(rates))]
 
 
 # ------------------------------------------------------------------------------ report
@@ -230,10 +263,10 @@ def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, re
 def environment(devices, threads):
     import onnxruntime
     import torchvision
-    env = dict(cpu=train.device_name(torch.device("cpu")), cores=os.cpu_count(), threads=threads,
+    env = dict(cpu=device_name(torch.device("cpu")), cores=os.cpu_count(), threads=threads,
                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
-               onnxruntime=onnxruntime.__version__, git_commit=train.git_commit(),
+               onnxruntime=onnxruntime.__version__, git_commit=git_commit(), load_before=load_average(),
                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                devices=[d.type for d in devices], command=" ".join(["python"] + sys.argv))
     return env
@@ -251,7 +284,7 @@ def markdown(records):
         best = next((r for r in rs if r.get("best")), None)
         others = ", ".join(f"{r['variant']} {r['value']:,.0f}" for r in rs if r["backend"] == "fast-pipeline"
                            and not r.get("best"))
-        cell = lambda r: "-" if r is None else f"{r['value']:,.0f}"  # noqa: E731
+        cell = lambda r: "-" if r is None else f"{'~' * (r.get('spread', 0) > NOISY)}{r['value']:,.0f}"  # noqa: E731
         epoch = lambda r: "-" if r is None else f"{60000 / r['value']:.2f} s"  # noqa: E731
         ratio = f"{best['value'] / seed['value']:.1f}x" if seed and best else "-"
         which = f" ({best['variant']})" if best else ""
@@ -263,78 +296,113 @@ def markdown(records):
     inf = [r for r in records if r["task"] == "infer"]
     for key in dict.fromkeys((r["model"], r["device"], r["threads"], r["backend"]) for r in inf):
         get = {r["metric"]: r["value"] for r in inf if (r["model"], r["device"], r["threads"], r["backend"]) == key}
+        noisy = "~" * any(r.get("spread", 0) > NOISY for r in inf
+                          if (r["model"], r["device"], r["threads"], r["backend"]) == key)
         eager = next((r["value"] for r in inf if (r["model"], r["device"], r["threads"]) == key[:3]
                       and r["backend"] == "eager" and r["metric"] == "p50_ms"), None)
         vs = f"{eager / get['p50_ms']:.1f}x" if eager else "-"
         lines.append(f"| {key[0]} | {key[1]} | {key[2] or '-'} | {key[3]} | {get['p50_ms']:.3f} | {get['p99_ms']:.3f} | "
-                     f"{get['images_per_s']:,.0f} | {vs} |")
+                     f"{noisy}{get['images_per_s']:,.0f} | {vs} |")
     return "\n".join(lines)
 
 
+def load_average():
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def warnings_about_load(env, records):
+    """Lines that say when the machine was too busy for the figures to mean much."""
+    lines, cores = [], env["cores"]
+    for when in ("load_before", "load_after"):
+        if env.get(when) is not None and env[when] > cores:
+            lines.append(f"warning: load average {env[when]} {when.split('_')[1]} the run, above the {cores} cores: "
+                         "other work shared the machine, so absolute figures are low and ratios noisy")
+    noisy = [r for r in records if r.get("spread", 0) > NOISY]
+    if noisy:
+        lines.append(f"warning: {len(noisy)} figure(s) whose timed repeats differ by more than {NOISY:.0%} of their "
+                     "median (marked ~ in the table): " + ", ".join(
+                         f"{r['task']} {r['model']} {r['backend']}/{r.get('variant', r.get('threads'))}" for r in noisy[:6]))
+    return lines
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Benchmark training throughput and inference latency.")
-    p.add_argument("--model", nargs="+", help="models (default: gap10k with --quick, all otherwise)")
+    p = argparse.ArgumentParser(description="Benchmark training throughput and inference latency, side by side.")
+    p.add_argument("--model", nargs="+", help="models (default: gap10k with --quick, else all five)")
     p.add_argument("--device", nargs="+", help="cpu, cuda, mps (default: every one present; cpu with --quick)")
-    p.add_argument("--quick", action="store_true", help="gap10k on CPU, fewer repeats (make bench)")
-    p.add_argument("--full", action="store_true", help="every model on every device found")
-    p.add_argument("--task", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    p.add_argument("--quick", action="store_true", help="gap10k on CPU, a short list of variants, fewer calls "
+                   "(make bench); without it: every model on every device (make bench FULL=1)")
+    p.add_argument("--task", nargs="+", default=["train", "infer"], choices=["train", "infer"],
+                   help="default: both")
     p.add_argument("--variant", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
-                   help=f"fast-pipeline training variants (default: all that apply): {', '.join(VARIANTS)}")
-    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=BACKENDS, help="inference backends")
+                   help=f"fast-pipeline training variants (default: all that apply, or --quick's list): "
+                   f"{', '.join(VARIANTS)}")
+    p.add_argument("--backend", nargs="+", choices=BACKENDS, default=BACKENDS,
+                   help=f"inference backends (default: all of {', '.join(BACKENDS)})")
     p.add_argument("--steps", type=int, help="training steps per timed repeat "
-                   "(default: 30 quick, 50 full; a whole epoch on CUDA and MPS)")
+                   "(default: 30 with --quick, 50 otherwise; a whole epoch on CUDA and MPS)")
     p.add_argument("--repeats", type=int, help="timed repeats, median reported (default 3)")
-    p.add_argument("--calls", type=int, help="batch-1 calls for p50/p99 (default: 200 quick, 500 full)")
+    p.add_argument("--calls", type=int, help="batch-1 calls for p50/p99 (default: 200 with --quick, else 500)")
     p.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, then ./data)")
-    p.add_argument("--json", help="write {environment, records} here")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed pipeline")
+    p.add_argument("--json", help="also write {environment, records} to this file (default: none)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed pipeline (default 2)")
     args = p.parse_args(argv)
-    with train.one_line_errors():
+    with one_line_errors("interrupted: nothing written"):
         names = args.model or (["gap10k"] if args.quick else list(models.RECIPES))
         for n in names:
             models.get_recipe(n)
-        train.check_at_least_one(args, "steps", "repeats", "calls")
+        check_at_least(args, 1, "steps", "repeats", "calls")
+        check_at_least(args, 0, "workers")
+        if args.json:
+            check_out_file(args.json, "--json")  # fail now, not after the run
         if args.device:
-            devices = [train.get_device(d) for d in args.device]
+            devices = [get_device(d) for d in args.device]
         else:
-            devices = [torch.device(d) for d in (["cpu"] if args.quick else train.devices_present())]
+            devices = [torch.device(d) for d in (["cpu"] if args.quick else devices_present())]
         images, labels = data.load("train", args.data_dir)
-        folder = os.path.dirname(os.path.abspath(args.json)) if args.json else "."
-        if not (os.path.isdir(folder) and os.access(folder, os.W_OK)):  # fail now, not after the run
-            raise train.UsageError(f"cannot write --json {args.json}: folder {folder} is missing or read-only")
-    cores = os.cpu_count()
-    repeats = args.repeats or 3
-    calls = args.calls or (200 if args.quick else 500)
-    threads_list = sorted({1, cores})
-    variants = args.variant or (QUICK if args.quick else list(VARIANTS))
-    env = environment(devices, threads_list)
-    records, skipped = [], []
-    for device in devices:
-        for name in names:
-            if "train" in args.task:
-                torch.set_num_threads(cores)
-                bs = models.RECIPES[name]["batch_size"]
-                steps = args.steps or (math.ceil(len(labels) / bs) if device.type != "cpu" else 30 if args.quick else 50)
-                records += bench_train(name, device, images, labels, steps, repeats, variants, args.workers, skipped)
-                print(f"train {name} {device.type}: " + ", ".join(
-                    f"{r['backend']}/{r['variant']} {r['value']:,.0f} img/s" for r in records if r["task"] == "train"
-                    and r["model"] == name and r["device"] == device.type), flush=True)
-            if "infer" in args.task:
-                records += bench_infer(name, device, threads_list if device.type == "cpu" else [None], repeats, calls,
-                                       args.backend, skipped)
-                print(f"infer {name} {device.type}: done", flush=True)
-    torch.set_num_threads(cores)
-    env["skipped"] = skipped
-    print()
-    print(f"{env['cpu']} ({cores} cores), {env['gpu'] or 'no GPU'}; torch {env['torch']}, "
-          f"onnxruntime {env['onnxruntime']}; {env['date']}; commit {env['git_commit']}")
-    print()
-    print(markdown(records))
-    if skipped:
-        print("\nnot measured:\n" + "\n".join(f"- {s}" for s in skipped))
-    if args.json:
-        train.save_text(json.dumps(dict(environment=env, records=records), indent=2) + "\n", args.json)
-        print(f"\nwrote {args.json}")
+        cores = os.cpu_count()
+        repeats = args.repeats or 3
+        calls = args.calls or (200 if args.quick else 500)
+        threads_list = sorted({1, cores})
+        variants = args.variant or (QUICK if args.quick else list(VARIANTS))
+        env = environment(devices, threads_list)
+        records, skipped = [], []
+
+        def progress(what):
+            print(f"  {what}", file=sys.stderr, flush=True)
+
+        for device in devices:
+            if "amp" in " ".join(variants) and device.type == "cuda":
+                models.check_amp(device)
+            for name in names:
+                if "train" in args.task:
+                    torch.set_num_threads(cores)
+                    bs = models.RECIPES[name]["batch_size"]
+                    steps = args.steps or (math.ceil(len(labels) / bs) if device.type != "cpu"
+                                           else 30 if args.quick else 50)
+                    got, bad = bench_train(name, device, images, labels, steps, repeats, variants, args.workers,
+                                           progress)
+                    records, skipped = records + got, skipped + bad
+                    print(f"train {name} {device.type}: " + ", ".join(
+                        f"{r['backend']}/{r['variant']} {r['value']:,.0f} img/s" for r in got), flush=True)
+                if "infer" in args.task:
+                    got, bad = bench_infer(name, device, threads_list if device.type == "cpu" else [None], repeats,
+                                           calls, args.backend, progress)
+                    records, skipped = records + got, skipped + bad
+                    print(f"infer {name} {device.type}: done", flush=True)
+        torch.set_num_threads(cores)
+        env.update(skipped=skipped, load_after=load_average())
+        print()
+        print(f"{env['cpu']} ({cores} cores), {env['gpu'] or 'no GPU'}; torch {env['torch']}, "
+              f"onnxruntime {env['onnxruntime']}; {env['date']}; commit {env['git_commit']}")
+        print()
+        print(markdown(records))
+        if skipped:
+            print("\nnot measured:\n" + "\n".join(f"- {s}" for s in skipped))
+        for line in warnings_about_load(env, records):
+            print(line)
+        if args.json:
+            save_json(dict(environment=env, records=records), args.json)
+            print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":

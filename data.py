@@ -10,10 +10,13 @@ Two pipelines feed the same training loop:
 import gzip
 import math
 import os
+import zlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from common import UserError
 
 MEAN, STD = 0.1307, 0.3081
 FILES = {
@@ -25,8 +28,8 @@ FILES = {
 COUNTS = {"train": 60000, "test": 10000}
 
 
-class DataError(Exception):
-    """A missing or corrupt MNIST file; the message is one line meant for the user."""
+class DataError(UserError):
+    """A missing or corrupt MNIST file."""
 
 
 # ---------------------------------------------------------------------------- reading
@@ -44,25 +47,32 @@ def has_mnist(folder):
 
 
 def read_idx(path, magic, count):
-    """Read one IDX file, check its header, size and contents, return a uint8 array."""
+    """Read one IDX file, check its header, size and contents, return a uint8 array. Reads the header
+    first and then at most the bytes it promises plus one, so a corrupt or hostile file (a gzip bomb
+    that inflates to gigabytes, say) fails fast in bounded memory."""
     name = os.path.basename(path)
     folder = os.path.dirname(path) or "."
+    ndim = magic - 2049 + 1  # 2049 -> labels (1 dim), 2051 -> images (3 dims)
+    head = 4 + 4 * ndim
     try:
         opener = gzip.open if path.endswith(".gz") else open
         with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+            header = f.read(head)
+            if len(header) < head or int.from_bytes(header[:4], "big") != magic:
+                raise DataError(f"{name} in {folder} is not an IDX file with magic number {magic} "
+                                "(corrupt or wrong file)")
+            dims = [int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+            if dims[0] != count or dims[1:] not in ([], [28, 28]):
+                raise DataError(f"{name} in {folder} has shape {dims}, "
+                                f"expected [{count}{', 28, 28' if ndim == 3 else ''}]")
+            want = math.prod(dims)
+            body = f.read(want + 1)
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"cannot read {name} in {folder}: {e} (re-copy the file)") from None
-    ndim = magic - 2049 + 1  # 2049 -> labels (1 dim), 2051 -> images (3 dims)
-    head = 4 + 4 * ndim
-    if len(raw) < head or int.from_bytes(raw[:4], "big") != magic:
-        raise DataError(f"{name} in {folder} is not an IDX file with magic number {magic} (corrupt or wrong file)")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    if dims[0] != count or dims[1:] not in ([], [28, 28]):
-        raise DataError(f"{name} in {folder} has shape {dims}, expected [{count}{', 28, 28' if ndim == 3 else ''}]")
-    if len(raw) != head + math.prod(dims):
-        raise DataError(f"{name} in {folder} is truncated or padded: {len(raw)} bytes, expected {head + math.prod(dims)}")
-    arr = np.frombuffer(raw, dtype=np.uint8, offset=head).reshape(dims)
+    if len(body) != want:
+        raise DataError(f"{name} in {folder} is truncated or padded: "
+                        f"{'more than ' if len(body) > want else ''}{head + len(body)} bytes, expected {head + want}")
+    arr = np.frombuffer(body, dtype=np.uint8).reshape(dims)
     if ndim == 1 and arr.max() > 9:
         raise DataError(f"{name} in {folder} holds label {arr.max()}, outside 0-9")
     return arr
@@ -132,41 +142,47 @@ def normalize(x):
 # An augmentation is a plain dict: {"rotate": degrees, "translate": pixels, "crop": size, "crop_p": p}.
 # Every key is optional; {} means none.
 
-def affine_grid(angles, shifts, size=28):
-    """Sampling grids [N, H, W, 2] that rotate each image by `angles` degrees counter-clockwise
-    about its centre, then shift it by `shifts` [N, 2] pixels (x, y). The math is
-    torchvision.transforms.functional's for tensors (inverse matrix in float64, pixel-centre base
-    grid, align_corners=False): rotate(img, a) is affine_grid(a, 0) and
-    affine(img, angle=a, translate=t) is affine_grid(-a, t)."""
-    n = angles.shape[0]
-    exact = torch.device("cpu") if angles.device.type == "mps" else angles.device  # MPS has no float64
-    r = torch.deg2rad(-angles.to(exact, torch.float64))
+def generator(seed, device):
+    """The random stream for shuffling and augmentation. On MPS it lives on the CPU: MPS has no
+    float64 for the augmentation's matrices, and reading MPS values back would drain its queue."""
+    return torch.Generator(device="cpu" if device.type == "mps" else device).manual_seed(seed)
+
+
+def affine_grid(angles, shifts, size=28, device=None):
+    """Sampling grids [N, H, W, 2] on `device` (default: the angles') that rotate each image by
+    `angles` degrees counter-clockwise about its centre, then shift it by `shifts` [N, 2] pixels
+    (x, y). The math is torchvision.transforms.functional's for tensors (inverse matrix in float64,
+    pixel-centre base grid, align_corners=False): rotate(img, a) is affine_grid(a, 0) and
+    affine(img, angle=a, translate=t) is affine_grid(-a, t). Builds no tensor from Python values
+    on the device (that would be a blocking host-to-device copy every batch)."""
+    n, device = angles.shape[0], device or angles.device
+    r = torch.deg2rad(-angles.double())
     cos, sin = torch.cos(r), torch.sin(r)
-    tx, ty = shifts[:, 0].to(exact, torch.float64), shifts[:, 1].to(exact, torch.float64)
+    tx, ty = shifts[:, 0].double(), shifts[:, 1].double()
     theta = torch.stack([
         torch.stack([cos, sin, -cos * tx - sin * ty], 1),
         torch.stack([-sin, cos, sin * tx - cos * ty], 1),
-    ], 1).float().to(angles.device)  # inverse affine matrix, [N, 2, 3]
-    xs = torch.linspace(-size * 0.5 + 0.5, size * 0.5 - 0.5, steps=size, device=angles.device)
-    base = torch.empty(1, size, size, 3, device=angles.device)
+    ], 1).float().to(device)  # inverse affine matrix, [N, 2, 3]
+    xs = torch.linspace(-size * 0.5 + 0.5, size * 0.5 - 0.5, steps=size, device=device)
+    base = torch.empty(1, size, size, 3, device=device)
     base[..., 0].copy_(xs)
     base[..., 1].copy_(xs.unsqueeze(-1))
     base[..., 2].fill_(1)
-    scale = torch.tensor([0.5 * size, 0.5 * size], device=angles.device)
-    grid = base.view(1, size * size, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2) / scale)
+    grid = base.view(1, size * size, 3).expand(n, -1, -1).bmm(theta.transpose(1, 2) / (0.5 * size))
     return grid.view(n, size, size, 2)
 
 
 def augment(x, aug, gen):
     """Apply a recipe's augmentation to a float batch [N, 1, 28, 28] in [0, 1], on its device.
-    Random draws come from `gen`, a torch.Generator on the same device."""
+    Random draws come from `gen` (see generator()); on MPS they are drawn on the CPU and moved."""
     if not aug:
         return x
     n, dev = x.shape[0], x.device
+    gdev = gen.device if gen is not None else dev
     if aug.get("crop"):
         # RandomApply([CenterCrop(c)], p) then Resize(28): bilinear upsampling of the centre crop
         # (every image is resized and `pick` selects: no host sync on CUDA, and 28x28 resizes are cheap)
-        pick = torch.rand(n, generator=gen, device=dev) < aug["crop_p"]
+        pick = torch.rand(n, generator=gen, device=gdev).to(dev) < aug["crop_p"]
         c = aug["crop"]
         lo = int(round((28 - c) / 2.0))  # torchvision's centre-crop offset
         crop = F.interpolate(x[:, :, lo:lo + c, lo:lo + c], size=(28, 28), mode="bilinear", align_corners=False,
@@ -175,17 +191,19 @@ def augment(x, aug, gen):
     deg = aug.get("rotate", 0)
     px = aug.get("translate", 0)
     if deg or px:
-        angles = (torch.rand(n, generator=gen, device=dev) * 2 - 1) * deg
+        angles = (torch.rand(n, generator=gen, device=gdev) * 2 - 1) * deg
         # torchvision RandomAffine rounds the uniform draw in [-px, px] to whole pixels
-        shifts = torch.round((torch.rand(n, 2, generator=gen, device=dev) * 2 - 1) * px)
-        x = F.grid_sample(x, affine_grid(angles, shifts), mode="nearest", padding_mode="zeros", align_corners=False)
+        shifts = torch.round((torch.rand(n, 2, generator=gen, device=gdev) * 2 - 1) * px)
+        x = F.grid_sample(x, affine_grid(angles, shifts, device=dev), mode="nearest", padding_mode="zeros",
+                          align_corners=False)
     return x
 
 
-def batches(images, labels, batch_size, aug=None, shuffle=True, gen=None):
-    """Yield normalised (x, y) batches from uint8 tensors, on the device they are on."""
+def batches(images, labels, batch_size, aug=None, gen=None):
+    """Yield normalised, shuffled (x, y) batches from uint8 tensors, on the device they are on."""
     n = images.shape[0]
-    order = torch.randperm(n, generator=gen, device=images.device) if shuffle else torch.arange(n, device=images.device)
+    order = torch.randperm(n, generator=gen, device=gen.device if gen is not None else images.device)
+    order = order.to(images.device)
     for i in range(0, n, batch_size):
         idx = order[i:i + batch_size]
         x = to_unit(images[idx])

@@ -12,8 +12,8 @@ import argparse
 import base64
 import html
 import io
-import json
 import os
+import sys
 
 import matplotlib
 matplotlib.use("Agg")
@@ -22,10 +22,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
 
+import artifacts  # noqa: E402
 import data  # noqa: E402
-import export  # noqa: E402
 import models  # noqa: E402
-import train  # noqa: E402
+from common import (METRICS, UserError, check_out_dir, find_checkpoint, get_device, json_text, load_checkpoint,  # noqa: E402
+                    one_line_errors, read_json_dict, read_metrics, replace_all)
 
 DIGITS = list(range(10))
 
@@ -91,8 +92,9 @@ def plot_mistakes(images, labels, logp, n=24):
         ax.axis("off")
     for ax, i in zip(axes.flat, order.tolist()):
         ax.imshow(images[i].numpy(), cmap="gray")
-        ax.set_title(f"true {labels[i].item()} pred {pred[i].item()}\n{100 * conf[i].item():.1f}%", fontsize=8)
-    fig.suptitle(f"Most confident mistakes ({len(wrong)} in all)", fontsize=10)
+        ax.set_title(f"true {labels[i].item()} pred {pred[i].item()}\np={100 * conf[i].item():.1f}%", fontsize=8)
+    fig.suptitle(f"Most confident mistakes ({len(wrong)} in all; p = the model's probability for its prediction)",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -109,6 +111,7 @@ def plot_curves(rows):
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
@@ -121,6 +124,17 @@ def png_bytes(fig):
 
 
 # ------------------------------------------------------------------------------- HTML
+
+def cell(v):
+    """A configuration value as a person writes it: no None, no Python list reprs."""
+    if v is None:
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return "; ".join(cell(x) for x in v) or "-"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {cell(x)}" for k, x in v.items()) or "-"
+    return str(v)
+
 
 def table(rows, header=None):
     head = "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>" if header else ""
@@ -143,12 +157,12 @@ def render_html(title, r, source, name, summary, metrics_rows, pngs):
     if summary:
         keep = ["model", "params", "device_name", "pipeline", "batch_size", "epochs", "seed", "lr", "subset",
                 "python", "torch", "torchvision", "git_commit", "command", "wall_seconds", "reconstructed"]
-        parts += ["<h2>Run configuration</h2>", table([[k, summary.get(k)] for k in keep])]
+        parts += ["<h2>Run configuration</h2>", table([[k, cell(summary.get(k))] for k in keep])]
     if name in models.RECIPES:
-        parts += ["<h2>Model</h2>", f"<pre>{html.escape(str(models.summary(name)))}</pre>"]
+        parts += ["<h2>Model</h2>", f"<pre>{html.escape(models.summary(name))}</pre>"]
     if metrics_rows:
         parts += ["<h2>Training curves</h2>", img.get("curves", ""), "<h2>Epochs</h2>",
-                  table([[r[k] for k in train.METRICS] for r in metrics_rows], train.METRICS)]
+                  table([[r.get(k, "") for k in METRICS] for r in metrics_rows], METRICS)]
     parts += ["<h2>Classification report</h2>", f"<pre>{html.escape(report_text(r))}</pre>",
               "<h2>Confusion matrix</h2>", img["confusion"],
               "<h2>Most confident mistakes</h2>", img["mistakes"]]
@@ -168,63 +182,89 @@ def run_folder(checkpoint_path):
     return folder if os.path.isfile(os.path.join(folder, "metrics.csv")) else None
 
 
-def evaluate(source_path, kind, out, data_dir, device):
-    """kind: 'checkpoint' or 'artifact'. Writes the report files into `out`, returns the report dict."""
-    images, labels = data.load("test", data_dir)
-    run_dir, summary, recorded = None, None, None
-    if kind == "artifact":
-        if not os.path.isfile(source_path):
-            raise train.UsageError(f"artifact {source_path} does not exist")
+def run_record(run_dir):
+    """(summary dict or None, metrics rows) of a run folder. They only decorate the report, so a
+    garbage file is skipped with a warning rather than failing the evaluation."""
+    summary, rows = None, []
+    for name, read in (("summary.json", read_json_dict), ("metrics.csv", read_metrics)):
+        path = os.path.join(run_dir, name)
+        if not os.path.isfile(path):
+            continue
         try:
-            name = export.artifact_metadata(source_path).get("model", "?")
-            logp = export.predict_artifact(source_path, images)
-        except Exception as e:
-            raise train.UsageError(f"cannot run {source_path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+            got = read(path if name == "summary.json" else run_dir)
+        except UserError as e:
+            print(f"warning: {e}; the report leaves it out", file=sys.stderr)
+            continue
+        if name == "summary.json":
+            summary = got if _number(got.get("best_test_acc")) and isinstance(got.get("best_epoch"), int) else None
+        else:
+            rows = got
+    return summary, rows
+
+
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def evaluate(source_path, kind, out, data_dir, device, trust_code=False):
+    """kind: 'checkpoint' or 'artifact'. Writes the report files into `out` as one set (the old set
+    stays whole until the new one is complete), returns the report dict."""
+    run_dir, summary, rows, recorded = None, None, [], None
+    if kind == "artifact":
+        run = artifacts.load(source_path, trust_code)
+        name = run.metadata.get("model", "?")
     else:
-        ckpt = train.load_checkpoint(source_path)
+        ckpt = load_checkpoint(source_path)
         name, recorded = ckpt["model_name"], ckpt["test_acc"]
-        model = train.model_from_checkpoint(ckpt).to(device)
-        logp = train.predict(model, images)
+        model = models.from_checkpoint(ckpt).to(device)
         run_dir = run_folder(source_path)
+    images, labels = data.load("test", data_dir)
+    check_out_dir(out, "--out")
+    logp = artifacts.predict(run, images) if kind == "artifact" else models.predict(model, images)
+    if not bool(torch.isfinite(logp).all()):
+        raise UserError(f"{source_path} gives NaN or infinite log-probabilities")
     r = report(labels, logp)
     r.update(model=name, source=source_path, recorded_accuracy=recorded)
-    if run_dir and os.path.isfile(os.path.join(run_dir, "summary.json")):
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary = json.load(f)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise train.UsageError(f"cannot write to output folder {out}: {e.strerror}") from None
+    if run_dir:
+        summary, rows = run_record(run_dir)
     pngs = {"confusion": png_bytes(plot_confusion(np.array(r["confusion_matrix"]))),
             "mistakes": png_bytes(plot_mistakes(images, labels, logp))}
-    rows = train.read_metrics(run_dir) if run_dir else []
     if rows:
         pngs["curves"] = png_bytes(plot_curves(rows))
-    for k, v in pngs.items():
-        train.atomic_write(os.path.join(out, k + ".png"), lambda f, v=v: f.write(v))
-    train.save_text(json.dumps(r, indent=2) + "\n", os.path.join(out, "report.json"))
     page = render_html(f"{name}: MNIST test-set evaluation", r, source_path, name, summary, rows, pngs)
-    train.save_text(page, os.path.join(out, "report.html"))
+    files = {os.path.join(out, k + ".png"): v for k, v in pngs.items()}
+    files[os.path.join(out, "report.json")] = json_text(r).encode()
+    files[os.path.join(out, "report.html")] = page.encode()
+    replace_all(files)
+    stale = os.path.join(out, "curves.png")
+    if "curves" not in pngs and os.path.exists(stale):  # left by an earlier report in this folder
+        os.remove(stale)
     return r
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Evaluate a checkpoint or an exported model on the MNIST test set.")
-    p.add_argument("--model", default="bn_gap", help="use the best.pt of runs/<model>/latest (default bn_gap)")
-    p.add_argument("--checkpoint", help="a checkpoint written by train.py")
-    p.add_argument("--artifact", help="an .onnx or .torchscript.pt file written by export.py")
-    p.add_argument("--out", help="output folder (default: the run folder, else <file>-eval/)")
+    p = argparse.ArgumentParser(description="Evaluate a checkpoint or an exported model on the 10,000 MNIST test "
+                                "images and write a report.")
+    p.add_argument("--model", default="bn_gap", help="evaluate the best.pt of runs/<model>/latest, else "
+                   "pretrained/<model>.pt (default: bn_gap)")
+    p.add_argument("--checkpoint", help="a checkpoint written by train.py (instead of --model's)")
+    p.add_argument("--artifact", help=f"a file written by export.py ({', '.join(artifacts.FORMATS.values())})")
+    p.add_argument("--trust-code", action="store_true", help="load a code-bearing --artifact (TorchScript) even "
+                   "when the manifest.json beside it does not vouch for it")
+    p.add_argument("--out", help="output folder (default: the checkpoint's run folder, else <file>-eval/)")
     p.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, then ./data)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (checkpoints only)")
+    p.add_argument("--device", default="auto", help="auto (default: CUDA, then MPS, then CPU), cpu, cuda or mps; "
+                   "checkpoints only (exported files run on the CPU)")
     args = p.parse_args(argv)
-    with train.one_line_errors():
+    with one_line_errors("interrupted: the previous report files, if any, are unchanged"):
         models.get_recipe(args.model)
         if args.artifact:
             path, kind = args.artifact, "artifact"
         else:
-            path, kind = export.find_checkpoint(args.model, args.checkpoint), "checkpoint"
+            path, kind = find_checkpoint(args.model, args.checkpoint), "checkpoint"
         out = args.out or (kind == "checkpoint" and run_folder(path)) or os.path.splitext(path)[0] + "-eval"
-        r = evaluate(path, kind, out, args.data_dir, train.get_device(args.device))
+        print(f"evaluating {path} on the 10,000 test images", flush=True)
+        r = evaluate(path, kind, out, args.data_dir, get_device(args.device), args.trust_code)
     print(f"{r['model']} from {path}")
     print(report_text(r))
     if r["recorded_accuracy"] is not None:

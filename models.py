@@ -5,19 +5,25 @@ A recipe is a plain dict; `documented` holds what the seed README states, `recon
 names the parts this project had to choose because the seed does not say.
 Sources: ../shared/seeds/ and ../shared/RECIPES.md.
 
-    python models.py [NAME]   per-layer summary of one model (or all five)
+    python models.py [NAME ...]   per-layer summary of the named models (default: all five)
+
+Also here: the speed options that change the model (FastDropout, torch.compile), and running a
+model over images (predict, score), which every script shares.
 """
-import sys
+import argparse
+import logging
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+from common import UserError, one_line_errors
 
-def block(cin, cout, k=3, pad=0, drop=0.0, bn_first=False):
-    """Conv (no bias) then ReLU, BatchNorm, Dropout, the order seeds 000, 002 and 003 write;
-    bn_first=True gives seed 004's Conv, BatchNorm, ReLU."""
-    post = [nn.BatchNorm2d(cout), nn.ReLU()] if bn_first else [nn.ReLU(), nn.BatchNorm2d(cout)]
+
+def block(cin, cout, k=3, pad=0, drop=0.0):
+    """Conv (no bias) then ReLU, BatchNorm, Dropout: the order seeds 000 and 003 write."""
+    post = [nn.ReLU(), nn.BatchNorm2d(cout)]
     if drop:
         post.append(nn.Dropout(drop))
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=pad, bias=False), *post)
@@ -134,13 +140,13 @@ class BnFc(nn.Module):
         return F.log_softmax(self.fc(self.features(x).flatten(1)), dim=1)
 
 
-# The registry. Keys of a recipe:
+# The registry. Every model ends in log_softmax and trains with NLL (seed 001 applies CrossEntropyLoss
+# to its log_softmax output: log_softmax is idempotent, so that is NLL too). Keys of a recipe:
 #   model        the nn.Module class
 #   optimizer    (name in torch.optim, kwargs)
 #   schedule     None or (name in torch.optim.lr_scheduler, kwargs, "batch" | "epoch")
 #                OneCycleLR gets total_steps filled in from epochs and steps per epoch.
 #   augment      data.augment dict: rotate (deg), translate (px), crop (size) with crop_p
-#   loss         every model ends in log_softmax, so the loss is NLL
 #   batch_size, epochs
 #   documented   the seed's figures: best_test_acc (%), best_epoch (1-based), params,
 #                seconds_per_epoch, seed file, and notes
@@ -151,7 +157,6 @@ RECIPES = {
         optimizer=("SGD", dict(lr=0.01, momentum=0.9)),
         schedule=("OneCycleLR", dict(max_lr=0.1, pct_start=0.25, div_factor=10, final_div_factor=100), "batch"),
         augment=dict(rotate=7),
-        loss="nll",
         batch_size=128,
         epochs=20,
         documented=dict(best_test_acc=99.55, best_epoch=15, final_test_acc=99.54, params=None,
@@ -164,7 +169,6 @@ RECIPES = {
         optimizer=("SGD", dict(lr=0.001, momentum=0.9)),
         schedule=("StepLR", dict(step_size=15, gamma=0.1), "epoch"),
         augment=dict(crop=22, crop_p=0.1, rotate=15),
-        loss="nll",  # the seed applies CrossEntropyLoss to log_softmax: log_softmax is idempotent, so that is NLL
         batch_size=32,
         epochs=1,
         documented=dict(best_test_acc=95.21, best_epoch=1, params=24552, seconds_per_epoch=None,
@@ -177,7 +181,6 @@ RECIPES = {
         optimizer=("SGD", dict(lr=0.015, momentum=0.9, weight_decay=1e-4)),
         schedule=("OneCycleLR", dict(max_lr=0.015), "batch"),
         augment=dict(rotate=7),
-        loss="nll",
         batch_size=128,
         epochs=19,
         documented=dict(best_test_acc=99.38, best_epoch=16, final_test_acc=99.33, params=9798,
@@ -190,7 +193,6 @@ RECIPES = {
         optimizer=("SGD", dict(lr=0.01, momentum=0.9)),
         schedule=None,
         augment={},
-        loss="nll",
         batch_size=64,
         epochs=20,
         documented=dict(best_test_acc=99.44, best_epoch=15, final_test_acc=99.41, params=13808,
@@ -206,7 +208,6 @@ RECIPES = {
         schedule=("OneCycleLR", dict(max_lr=0.75, div_factor=7.5, final_div_factor=7.5, pct_start=0.3,
                                      anneal_strategy="cos", cycle_momentum=False), "batch"),
         augment=dict(rotate=15, translate=2),
-        loss="nll",
         batch_size=128,
         epochs=10,
         documented=dict(best_test_acc=99.64, best_epoch=10, final_test_acc=99.64, params=9594,
@@ -218,7 +219,7 @@ RECIPES = {
 }
 
 
-class UnknownModel(Exception):
+class UnknownModel(UserError):
     pass
 
 
@@ -258,18 +259,119 @@ def build_schedule(recipe, optimizer, epochs, steps_per_epoch, lr=None):
 
 
 def summary(name):
-    """torchinfo's per-layer table (layer, output shape, params), as the seeds' torchsummary."""
+    """torchinfo's per-layer table (layer, output shape, params) as text, like the seeds' torchsummary."""
     from torchinfo import summary as info
-    return info(build_model(name), input_size=(1, 1, 28, 28), col_names=("output_size", "num_params"),
-                depth=3, verbose=0, device="cpu")
+    stats = info(build_model(name), input_size=(1, 1, 28, 28), col_names=("output_size", "num_params"),
+                 depth=3, verbose=0, device="cpu")
+    return str(stats).replace("(Units.MEGABYTES)", "(M)")  # torchinfo prints the enum on Python 3.11
 
 
-if __name__ == "__main__":
-    names = sys.argv[1:] or list(RECIPES)
-    for n in names:
-        if n not in RECIPES:
-            sys.exit(f"error: unknown model '{n}'; choose one of: {', '.join(RECIPES)}")
-    for n in names:
+def from_checkpoint(ckpt):
+    """The eval-mode model (CPU) of a checkpoint dict that common.load_checkpoint validated."""
+    model = build_model(ckpt["model_name"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"checkpoint weights do not fit the {ckpt['model_name']} model "
+                        "(other layer names or shapes)") from None
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model, images, batch_size=1000):
+    """Log-probabilities [N, 10] on the CPU for uint8 images [N, 28, 28] (on any device); each batch
+    is moved to the model's device and normalised there."""
+    model.eval()
+    dev = next(model.parameters()).device
+    return torch.cat([model(data.normalize(images[i:i + batch_size].to(dev))).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def score(logp, y):
+    """(mean NLL, correct count, accuracy % rounded to 2 decimals) of log-probabilities against labels."""
+    correct = int((logp.argmax(1) == y.cpu()).sum())
+    return F.nll_loss(logp, y.cpu()).item(), correct, round(100 * correct / len(y), 2)
+
+
+# ------------------------------------------------------------------------- speed options
+
+class FastDropout(nn.Module):
+    """nn.Dropout with a cheaper mask on CPU, where torch's bernoulli_ takes ~40% of a gap10k
+    training step (BENCHMARKS.md): 16-bit uniform draws carved from 64-bit random words, so the
+    drop probability is p rounded to 1/65536. Same expectation and scaling; identity in eval;
+    other devices use F.dropout. Opt-in (--fast-dropout): it draws a different random stream."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+        self.threshold = round(p * 65536) - 32768
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+            x = x.contiguous()
+        n = x.numel()
+        words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64)
+        # the mask in x's own memory layout (NCHW or NHWC): mixed layouts make every later op slow
+        keep = words.view(torch.int16)[:n].as_strided(x.shape, x.stride()) >= self.threshold
+        return torch.where(keep, x * (1 / (1 - self.p)), 0)  # one masked op each way, no mask cast
+
+
+def use_fast_dropout(model):
+    for name, child in model.named_children():
+        if isinstance(child, nn.Dropout):
+            setattr(model, name, FastDropout(child.p))
+        else:
+            use_fast_dropout(child)
+    return model
+
+
+def compile_model(model, cudagraphs=True):
+    """torch.compile(model) with static shapes (a short last batch gets its own graph instead of
+    sending every later batch through a dynamic one); on CUDA with CUDA graphs (mode
+    reduce-overhead) unless cudagraphs=False. Returns the compiled wrapper, which shares the
+    module's parameters and buffers."""
+    torch._dynamo.reset()  # fresh caches: an earlier model's recompiles must not use up this one's limit
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU hosts
+    graphs = cudagraphs and next(model.parameters()).device.type == "cuda"
+    return torch.compile(model, mode="reduce-overhead" if graphs else None, dynamic=False)
+
+
+def check_amp(device):
+    """--amp is bfloat16 autocast: refuse it on GPUs that only emulate bfloat16 (T4, V100), where
+    it runs slowly without a word."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(f"--amp uses bfloat16, which {torch.cuda.get_device_name(device)} only emulates "
+                        "(slower than fp32); drop --amp on this GPU")
+
+
+def build(recipe, device, channels_last=False, fast_dropout=False, compile=False, cudagraphs=True):
+    """The recipe's model on `device` with the speed flags applied, as (model, net): train `net`
+    (the torch.compile wrapper with compile=True, else the model itself); save and evaluate `model`."""
+    model = recipe["model"]().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if fast_dropout:
+        use_fast_dropout(model)
+    return model, (compile_model(model, cudagraphs) if compile else model)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Print the per-layer summary (output shape, parameters) of models "
+                                "in the registry, as the seeds' torchsummary tables do.")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"models to show (default: all of {', '.join(RECIPES)})")
+    args = p.parse_args(argv)
+    with one_line_errors():
+        for n in args.names:
+            get_recipe(n)
+    for n in args.names or list(RECIPES):
         print(f"{n}  (seed {RECIPES[n]['documented']['seed']})")
         print(summary(n))
         print()
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ import torch
 import data
 import models
 import train
+from common import check_at_least, get_device, load_checkpoint, one_line_errors, read_metrics, save_checkpoint, save_text
 
 NOTES = """\
 ## Notes
@@ -73,16 +74,16 @@ def finished(folder, epochs):
 @torch.no_grad()
 def train_set_accuracy(ckpt_path, data_dir, device):
     """Accuracy on the 60,000 training images (no augmentation): what seed 001 called its test set."""
-    model = train.model_from_checkpoint(train.load_checkpoint(ckpt_path)).to(device)
+    model = models.from_checkpoint(load_checkpoint(ckpt_path)).to(device)
     x, y = data.load("train", data_dir)
-    return train.score(train.predict(model, x), y)[2]
+    return models.score(models.predict(model, x), y)[2]
 
 
 def publish_pretrained(name, seed):
-    ckpt = train.load_checkpoint(os.path.join(run_dir(name, seed), "best.pt"))
+    ckpt = load_checkpoint(os.path.join(run_dir(name, seed), "best.pt"))
     os.makedirs("pretrained", exist_ok=True)
     keep = {k: ckpt[k] for k in ("model_name", "model", "epoch", "test_acc", "params")}
-    train.save_checkpoint(keep, os.path.join("pretrained", name + ".pt"))
+    save_checkpoint(keep, os.path.join("pretrained", name + ".pt"))
 
 
 def write_report(results, seeds, device_label, wall, extra):
@@ -107,7 +108,7 @@ def write_report(results, seeds, device_label, wall, extra):
                      f"{first['best_test_acc']:.2f}% ({first['best_epoch']}) | {first['final_test_acc']:.2f}% | "
                      f"{spread} | {gap:+.2f} pp | {secs:.1f} |")
     lines += ["", *extra, "", NOTES]
-    train.save_text("\n".join(lines) + "\n", "REPRODUCTION.md")
+    save_text("\n".join(lines) + "\n", "REPRODUCTION.md")
 
 
 def main(argv=None):
@@ -117,11 +118,11 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--data-dir")
     args = p.parse_args(argv)
-    with train.one_line_errors():
+    with one_line_errors("interrupted: finished runs are kept; run the same command again to go on"):
         for name in args.models:
             models.get_recipe(name)
-        train.check_at_least_one(args, "seeds")
-        device = train.get_device(args.device)
+        check_at_least(args, 1, "seeds")
+        device = get_device(args.device)
         seeds = args.seeds or (3 if device.type == "cuda" else 1)
         results, t0 = {}, time.time()
         for name in args.models:
@@ -134,11 +135,13 @@ def main(argv=None):
                 if s is None:
                     if seed > seeds:
                         break
-                    targs = train.parse_args(["--model", name, "--seed", str(seed), "--device", args.device,
-                                              "--out", out, "--no-progress"]
+                    again = os.path.isfile(os.path.join(out, "last.pt"))  # a run stopped part-way goes on
+                    targs = train.parse_args(["--device", args.device, "--no-progress"]
+                                             + (["--resume", out] if again else
+                                                ["--model", name, "--seed", str(seed), "--out", out])
                                              + (["--data-dir", args.data_dir] if args.data_dir else []))
                     s = train.run(targs)
-                s["seconds_per_epoch"] = statistics.mean(float(row["seconds"]) for row in train.read_metrics(out))
+                s["seconds_per_epoch"] = statistics.mean(float(row["seconds"]) for row in read_metrics(out))
                 results[name].append(s)
             publish_pretrained(name, 1)
         extra = []

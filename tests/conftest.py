@@ -10,12 +10,26 @@ SHARED_MNIST = os.path.join(ROOT, "..", "shared", "mnist")
 
 @pytest.fixture(scope="session")
 def mnist_dir():
-    """The real MNIST: $MNIST_DIR, else ../shared/mnist beside the repo."""
-    folder = os.environ.get("MNIST_DIR") or SHARED_MNIST
+    """The real MNIST, found as the scripts find it ($MNIST_DIR, ./data, ./data/MNIST/raw), then in
+    ../shared/mnist beside the repo; else fetched as train.py does (torchvision). Without any, the
+    session stops with one line instead of failing every test that needs data."""
     import data
-    if not data.has_mnist(folder):
-        pytest.fail(f"real MNIST not found in {folder}: set MNIST_DIR to the folder of the four IDX files")
-    return os.path.abspath(folder)
+    if os.environ.get("MNIST_DIR"):
+        candidates = [os.environ["MNIST_DIR"]]
+    else:
+        candidates = [os.path.join(ROOT, "data"), os.path.join(ROOT, "data", "MNIST", "raw"), SHARED_MNIST]
+    for folder in candidates:
+        if data.has_mnist(folder):
+            return os.path.abspath(folder)
+    try:
+        cwd = os.getcwd()
+        os.chdir(ROOT)
+        try:
+            return os.path.abspath(data.resolve_dir())
+        finally:
+            os.chdir(cwd)
+    except data.DataError as e:
+        pytest.exit(f"error: the tests need the real MNIST: {e}", returncode=1)
 
 
 @pytest.fixture(scope="session")

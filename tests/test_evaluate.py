@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
+import common
 import evaluate
 import export
-import train
 
 
 def test_report_numbers_on_a_hand_checked_case():
@@ -38,7 +38,7 @@ def test_checkpoint_report_matches_training_and_html_embeds_images(trained, mnis
 
 
 def test_artifact_scores_like_its_checkpoint(trained, mnist_dir, tmp_path):
-    ckpt = train.load_checkpoint(str(trained / "best.pt"))
+    ckpt = common.load_checkpoint(str(trained / "best.pt"))
     path, _ = export.export(ckpt, "torchscript", str(tmp_path), 18, mnist_dir, 1e-4)
     r = evaluate.evaluate(path, "artifact", str(tmp_path / "eval"), mnist_dir, torch.device("cpu"))
     assert r["accuracy"] == ckpt["test_acc"] and r["model"] == "bn_fc"

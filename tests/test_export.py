@@ -1,4 +1,6 @@
+import hashlib
 import json
+import os
 
 import numpy as np
 import onnx
@@ -6,15 +8,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import artifacts
+import common
 import data
 import export
-import train
+import models
 
 
 @pytest.fixture(scope="module")
 def exported(trained, mnist_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("exports")
-    ckpt = train.load_checkpoint(str(trained / "best.pt"))
+    ckpt = common.load_checkpoint(str(trained / "best.pt"))
     figures = {fmt: export.export(ckpt, fmt, str(out), 18, mnist_dir, 1e-4) for fmt in ("onnx", "torchscript")}
     return out, ckpt, figures
 
@@ -24,7 +28,11 @@ def test_both_formats_verified(exported):
     for fmt, (path, f) in figures.items():
         assert f["ok"] and f["same_predictions"] == 10000 and f["max_abs_diff"] <= 1e-4
         assert f["accuracy"] == ckpt["test_acc"]
-    assert sorted(p.name for p in out.iterdir()) == ["bn_fc.onnx", "bn_fc.torchscript.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["bn_fc.onnx", "bn_fc.torchscript.pt", "manifest.json"]
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    for fmt, (path, f) in figures.items():
+        entry = manifest[os.path.basename(path)]
+        assert entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest() and entry["format"] == fmt
 
 
 def test_onnx_metadata_and_contract(exported):
@@ -37,14 +45,14 @@ def test_onnx_metadata_and_contract(exported):
     assert meta["test_acc"] == f"{ckpt['test_acc']:.2f}" and meta["torch_version"] == torch.__version__
     assert "0.1307" in meta["input"] and json.loads(meta["recipe"])["optimizer"][0] == "Adagrad"
     assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["log_probs"]
-    assert export.artifact_metadata(str(out / "bn_fc.torchscript.pt"))["model"] == "bn_fc"
+    assert artifacts.read_metadata(str(out / "bn_fc.torchscript.pt"))["model"] == "bn_fc"
 
 
 def test_onnxruntime_predicts_like_the_checkpoint(exported, mnist_dir):
     """Independent of export.verify: a fresh onnxruntime session on the test set, batches 1 and 1000."""
     out, ckpt, _ = exported
     x, y = data.load("test", mnist_dir)
-    ref = train.predict(train.model_from_checkpoint(ckpt), x)
+    ref = models.predict(models.from_checkpoint(ckpt), x)
     sess = ort.InferenceSession(str(out / "bn_fc.onnx"), providers=["CPUExecutionProvider"])
     x01 = (x.unsqueeze(1).float() / 255).numpy()
     got = np.concatenate([sess.run(None, {"image": x01[i:i + 1000]})[0] for i in range(0, 10000, 1000)])
@@ -55,8 +63,8 @@ def test_onnxruntime_predicts_like_the_checkpoint(exported, mnist_dir):
 
 
 def test_mismatch_fails_and_leaves_nothing(trained, mnist_dir, tmp_path):
-    ckpt = train.load_checkpoint(str(trained / "best.pt"))
-    with pytest.raises(train.UsageError, match="does not match PyTorch"):
+    ckpt = common.load_checkpoint(str(trained / "best.pt"))
+    with pytest.raises(common.UserError, match="does not match PyTorch"):
         export.export(ckpt, "onnx", str(tmp_path), 18, mnist_dir, tolerance=-1.0)
     assert list(tmp_path.iterdir()) == []
 

@@ -29,7 +29,7 @@ def test_output_is_log_probabilities(name):
 @pytest.mark.parametrize("name", PARAMS)
 def test_recipe_record_is_complete(name):
     r = models.RECIPES[name]
-    for key in ("model", "optimizer", "schedule", "augment", "loss", "batch_size", "epochs", "documented",
+    for key in ("model", "optimizer", "schedule", "augment", "batch_size", "epochs", "documented",
                 "reconstructed"):
         assert key in r
     opt = models.build_optimizer(r, models.build_model(name))

@@ -8,7 +8,6 @@ import torch
 
 import data
 import models
-import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,9 +27,9 @@ def test_pretrained_matches_reproduction(name, mnist_dir):
     path = os.path.join(ROOT, "pretrained", name + ".pt")
     ckpt = torch.load(path, weights_only=True)
     assert set(ckpt) == {"model_name", "model", "epoch", "test_acc", "params"}
-    model = train.model_from_checkpoint(ckpt)
+    model = models.from_checkpoint(ckpt)
     x, y = data.load("test", mnist_dir)
-    _, correct, acc = train.score(train.predict(model, x), y)
+    _, correct, acc = models.score(models.predict(model, x), y)
     best, epoch = recorded()[name]
     assert correct == round(best * 100)          # 10,000 images: 0.01% is one image
     assert (acc, ckpt["epoch"]) == (best, epoch)

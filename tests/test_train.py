@@ -1,8 +1,12 @@
 import json
 import os
 
+import pytest
 import torch
 
+import common
+import data
+import models
 import train
 
 
@@ -13,19 +17,7 @@ def run(tmp_path, mnist_dir, *extra, name="run"):
 
 
 def rows(folder):
-    return train.read_metrics(str(folder))
-
-
-def test_same_seed_same_numbers(tmp_path, mnist_dir):
-    _, a = run(tmp_path, mnist_dir, "--epochs", "2", name="a")
-    _, b = run(tmp_path, mnist_dir, "--epochs", "2", name="b")
-    _, c = run(tmp_path, mnist_dir, "--epochs", "2", "--seed", "2", name="c")
-    cols = ["train_loss", "train_acc", "test_loss", "test_acc"]
-    ra, rb, rc = rows(a), rows(b), rows(c)
-    assert [[r[k] for k in cols] for r in ra] == [[r[k] for k in cols] for r in rb]
-    assert [[r[k] for k in cols] for r in ra] != [[r[k] for k in cols] for r in rc]
-    wa, wb = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, b))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    return common.read_metrics(str(folder))
 
 
 def test_outputs_and_summary(tmp_path, mnist_dir):
@@ -45,7 +37,7 @@ def test_outputs_and_summary(tmp_path, mnist_dir):
 def test_best_saved_only_on_improvement(tmp_path, mnist_dir, monkeypatch):
     """Scripted test accuracies 50, 70, 60, 70: best.pt is written at epochs 1 and 2 only."""
     accs = iter([50.0, 70.0, 60.0, 70.0])
-    real_score = train.score
+    real_score = models.score
     monkeypatch.setattr(train, "score", lambda logp, y: (*real_score(logp, y)[:2], next(accs)))
     writes = []
     real_save = train.save_checkpoint
@@ -77,7 +69,7 @@ def test_channels_last_and_amp_train(tmp_path, mnist_dir):
 
 
 def test_fast_dropout_is_dropout():
-    d = train.FastDropout(0.05)
+    d = models.FastDropout(0.05)
     x = torch.ones(1000, 1000, requires_grad=True)
     out = d.train()(x)
     dropped = (out == 0).float().mean().item()
@@ -93,19 +85,19 @@ def test_fast_dropout_is_dropout():
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert abs((out == 0).float().mean().item() - 0.05) < 0.002
     assert abs((d(nhwc[:, :, ::2]) == 0).float().mean().item() - 0.05) < 0.003
-    model = train.use_fast_dropout(__import__("models").build_model("gap10k"))
+    model = models.use_fast_dropout(__import__("models").build_model("gap10k"))
     assert not any(type(m) is torch.nn.Dropout for m in model.modules())
-    assert sum(isinstance(m, train.FastDropout) for m in model.modules()) == 6
+    assert sum(isinstance(m, models.FastDropout) for m in model.modules()) == 6
 
 
 def test_seed_pipeline_reshuffles_every_epoch(mnist_dir):
     """--pipeline torchvision: each epoch its own order and augmentations, reproducible per (seed, epoch)."""
-    x, y = train.data.load("train", mnist_dir)
+    x, y = data.load("train", mnist_dir)
     recipe = __import__("models").RECIPES["gap10k"]
 
     def first_batch(epoch):
-        loader = train.make_loader("torchvision", x[:1024], y[:1024], recipe, 128, None, torch.device("cpu"), 1, 1,
-                                   epoch)
+        args = train.parse_args(["--pipeline", "torchvision", "--batch-size", "128", "--workers", "1"])
+        loader = train.make_loader(args, recipe, x[:1024], y[:1024], None, epoch)
         return next(iter(loader))
     (x1, y1), (x2, y2), (x1b, y1b) = first_batch(1), first_batch(2), first_batch(1)
     assert not torch.equal(y1, y2) and not torch.equal(x1, x2)
@@ -127,3 +119,28 @@ def test_compile_trains_the_same_weights(tmp_path, mnist_dir):
     assert all(torch.allclose(we[k].float(), wc[k].float(), rtol=1e-3, atol=1e-4) for k in we if k not in free)
     assert not torch.equal(we["features.0.1.running_mean"], torch.zeros(8))
     assert abs(float(rows(eager)[0]["train_loss"]) - float(rows(comp)[0]["train_loss"])) < 1e-4
+
+
+def test_amp_refuses_gpus_that_emulate_bfloat16(monkeypatch):
+    """T4 / V100 only emulate bfloat16: --amp there would be slow without a word, so it is refused."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
+    with pytest.raises(common.UserError, match="Tesla T4 only emulates"):
+        models.check_amp(torch.device("cuda"))
+    models.check_amp(torch.device("cpu"))  # the CPU path is never refused
+
+
+def test_compile_uses_static_shapes(monkeypatch):
+    """A short last batch gets its own graph instead of turning every later batch dynamic."""
+    seen = {}
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.update(kw) or model)
+    models.compile_model(models.build_model("bn_fc"))
+    assert seen["dynamic"] is False and seen["mode"] is None  # CUDA graphs only on CUDA
+
+
+def test_resume_refuses_another_device(trained):
+    ckpt = torch.load(trained / "last.pt", weights_only=True)
+    ckpt["rng"]["device"] = "cuda"
+    args = train.parse_args(["--resume", str(trained), "--device", "cpu"])
+    with pytest.raises(common.UserError, match="was trained on cuda; resume it there"):
+        train.resume_args(args, ckpt, str(trained))

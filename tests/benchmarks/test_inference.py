@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import artifacts
 import export
 import models
 import train
@@ -18,9 +19,9 @@ NAMES = list(models.RECIPES)
 def exported(request, tmp_path_factory):
     name = request.param
     model = models.build_model(name).eval()
-    module = export.Exportable(model).eval()
+    module = artifacts.Exportable(model).eval()
     path = str(tmp_path_factory.mktemp("bench") / f"{name}.onnx")
-    export.export_onnx(module, path, export.metadata(dict(model_name=name, test_acc=0.0, epoch=0)), 18)
+    artifacts.write_onnx(module, path, artifacts.metadata(dict(model_name=name, test_acc=0.0, epoch=0)), 18)
     return name, module, path
 
 
@@ -33,12 +34,12 @@ def test_infer(benchmark, exported, backend, batch, threads):
     benchmark.group = f"{name} batch {batch} threads {threads}"
     x = torch.rand(batch, 1, 28, 28)
     if backend == "onnxruntime":
-        sess = export.ort_session(path, threads)
+        sess = artifacts.ort_session(path, threads)
         a = x.numpy()
         out = benchmark(lambda: sess.run(None, {"image": a})[0])
     else:
         make = {"eager": lambda: module, "torchscript": lambda: torch.jit.freeze(torch.jit.script(module)),
-                "compile": lambda: train.compile_model(module)}
+                "compile": lambda: models.compile_model(module)}
         fn = make[backend]()
         old = torch.get_num_threads()
         torch.set_num_threads(threads)

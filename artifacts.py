@@ -1,0 +1,244 @@
+"""Exported models: writing them, the manifest that vouches for them, and loading them safely.
+
+Formats, one input contract for all (see README):
+    input  "image"      float32 [N, 1, 28, 28], pixels in [0, 1] (white digit on black); N dynamic.
+                        Normalisation (mean 0.1307, std 0.3081) happens inside.
+    output "log_probs"  float32 [N, 10], log-probabilities of the digits 0-9.
+ONNX files are data: ONNX Runtime runs them with its built-in operators only. A TorchScript file
+is a program (loading it can run code it carries), so it is loaded only when its sha256 is in the
+manifest.json that export.py writes beside its outputs, or when the user passes --trust-code.
+"""
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import models
+from common import UserError, atomic_write, json_text, read_json_dict, save_text
+
+# TorchScript is deprecated in favour of torch.export, but it is a format this project ships.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+CODE = {"torchscript"}  # formats whose loading can run code the file carries
+CLASSES = [str(d) for d in range(10)]
+MANIFEST = "manifest.json"
+
+
+def format_of(path):
+    for fmt, suffix in sorted(FORMATS.items(), key=lambda kv: -len(kv[1])):  # longest suffix first
+        if path.endswith(suffix):
+            return fmt
+    raise UserError(f"{path}: unknown export format; expected a file ending in {', '.join(FORMATS.values())}")
+
+
+class Exportable(nn.Module):
+    """The model with normalisation in front: [0, 1] pixels in, log-probabilities out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(data.MEAN))
+        self.register_buffer("std", torch.tensor(data.STD))
+
+    def forward(self, image):
+        return self.model((image - self.mean) / self.std)
+
+
+def metadata(ckpt):
+    recipe = models.RECIPES[ckpt["model_name"]]
+    return {
+        "model": ckpt["model_name"],
+        "recipe": json.dumps({k: v for k, v in recipe.items() if k != "model"}, default=str),
+        "input": "image: float32 [N, 1, 28, 28], pixels in [0, 1] (white digit on black); "
+                 f"normalised inside the graph with mean {data.MEAN}, std {data.STD}",
+        "output": "log_probs: float32 [N, 10], log-probabilities",
+        "classes": json.dumps(CLASSES),
+        "params": str(models.n_params(models.build_model(ckpt["model_name"]))),
+        "test_acc": f"{ckpt['test_acc']:.2f}",
+        "epoch": str(ckpt["epoch"]),
+        "torch_version": torch.__version__,
+    }
+
+
+# ------------------------------------------------------------------------------ writing
+
+def write_onnx(module, path, meta, opset):
+    """ONNX at exactly `opset` (torch's exporter may produce another one: that is refused)."""
+    import onnx
+    example = torch.rand(2, 1, 28, 28)
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    program = torch.onnx.export(module, (example,), dynamo=True, input_names=["image"], output_names=["log_probs"],
+                                dynamic_shapes={"image": {0: batch}}, opset_version=opset, verbose=False)
+    proto = program.model_proto
+    got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got != opset:
+        raise UserError(f"the ONNX exporter produced opset {got}, not the asked {opset}; use --opset {got}")
+    onnx.helper.set_model_props(proto, meta)
+    onnx.checker.check_model(proto, full_check=True)
+    atomic_write(path, lambda f: f.write(proto.SerializeToString()), suffix=".onnx")
+
+
+def write_torchscript(module, path, meta):
+    scripted = torch.jit.script(module)
+    atomic_write(path, lambda f: torch.jit.save(scripted, f, _extra_files={"metadata.json": json.dumps(meta)}),
+                 suffix=".torchscript.pt")
+
+
+# ----------------------------------------------------------------------------- manifest
+
+def sha256(blob):
+    return hashlib.sha256(blob).hexdigest()
+
+
+@contextlib.contextmanager
+def _manifest_lock(folder):
+    """Two export.py processes writing one folder take turns updating its manifest (a lock on the
+    folder itself, so no lock file is left behind)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def read_manifest(folder):
+    """{file name: entry} of the manifest.json in `folder` ({} if none or unreadable)."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        files = read_json_dict(path).get("files")
+    except UserError:
+        return {}
+    return files if isinstance(files, dict) else {}
+
+
+def manifest_add(path, info):
+    """Record `path`'s sha256 and size (plus `info`) in the manifest.json beside it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path, "rb") as f:
+        blob = f.read()
+    with _manifest_lock(folder):
+        files = read_manifest(folder)
+        files[os.path.basename(path)] = dict(sha256=sha256(blob), bytes=len(blob), **info)
+        save_text(json_text({"files": dict(sorted(files.items()))}), os.path.join(folder, MANIFEST))
+
+
+def check_trusted(path, trust_code, blob=None):
+    """Refuse a code-bearing file unless the manifest beside it vouches for these exact bytes."""
+    fmt = format_of(path)
+    if fmt not in CODE or trust_code:
+        return
+    if blob is None:
+        with open(path, "rb") as f:
+            blob = f.read()
+    entry = read_manifest(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path))
+    why = "its sha256 differs from the one in" if isinstance(entry, dict) else "it is not listed in"
+    if not (isinstance(entry, dict) and entry.get("sha256") == sha256(blob)):
+        raise UserError(f"refusing {path}: a {fmt} file is a program that can run code when loaded, and {why} "
+                        f"the {MANIFEST} export.py wrote beside it; pass --trust-code if you trust where it came from")
+
+
+# ------------------------------------------------------------------------------ loading
+
+def ort_session(path, threads=None, provider="CPUExecutionProvider"):
+    """An onnxruntime session on exactly `provider`: one that cannot start it raises, and no node may
+    fall back to the CPU quietly (bench.py would then time the CPU as CUDA)."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if provider != "CPUExecutionProvider":
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    sess = ort.InferenceSession(path, opts, providers=[provider])
+    sess.disable_fallback()
+    if sess.get_providers()[0] != provider:
+        raise RuntimeError(f"onnxruntime could not start {provider} (it offered {sess.get_providers()})")
+    return sess
+
+
+def _check_onnx_contract(path, sess):
+    ins, outs = sess.get_inputs(), sess.get_outputs()
+    if len(ins) != 1 or ins[0].type != "tensor(float)" or len(ins[0].shape) != 4 or \
+            [d if isinstance(d, int) else None for d in ins[0].shape[1:]] != [1, 28, 28]:
+        raise UserError(f"{path} does not take one float32 [N, 1, 28, 28] input "
+                        f"(it takes {[(i.name, i.type, i.shape) for i in ins]})")
+    if len(outs) != 1 or outs[0].type != "tensor(float)" or len(outs[0].shape) != 2 or \
+            outs[0].shape[1] not in (10, None) and isinstance(outs[0].shape[1], int):
+        raise UserError(f"{path} does not give one float32 [N, 10] output "
+                        f"(it gives {[(o.name, o.type, o.shape) for o in outs]})")
+
+
+def load(path, trust_code=False, threads=None):
+    """A function float32 numpy [N, 1, 28, 28] in [0, 1] -> log-probabilities numpy [N, 10] for an
+    exported file, with its metadata dict as `.metadata`. Code-bearing formats must pass
+    check_trusted first; every call's output is checked against the contract."""
+    if not os.path.isfile(path):
+        raise UserError(f"artifact {path} does not exist")
+    fmt = format_of(path)
+    try:
+        if fmt == "onnx":
+            import onnx
+            sess = ort_session(path, threads)
+            _check_onnx_contract(path, sess)
+            meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+            name = sess.get_inputs()[0].name
+
+            def raw(x):
+                out = sess.run(None, {name: x})
+                return out[0] if len(out) == 1 else out
+        else:
+            with open(path, "rb") as f:
+                blob = f.read()
+            check_trusted(path, trust_code, blob)  # nothing of the file runs before this
+            extra = {"metadata.json": ""}
+            module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra).eval()
+            meta = json.loads(extra["metadata.json"] or "{}")
+
+            def raw(x):
+                with torch.no_grad():
+                    out = module(torch.from_numpy(x))
+                return out.numpy() if isinstance(out, torch.Tensor) else out
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot load {path}: {_first_line(e)}") from None
+
+    def run(x):
+        try:
+            out = raw(x)
+        except Exception as e:
+            raise UserError(f"cannot run {path} on float32 [N, 1, 28, 28] input: {_first_line(e)}") from None
+        if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (len(x), 10)):
+            got = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise UserError(f"{path} breaks the output contract: it gave {got}, not one float32 [N, 10] array")
+        return out
+    run.metadata = meta if isinstance(meta, dict) else {}
+    return run
+
+
+def read_metadata(path, trust_code=False):
+    return load(path, trust_code).metadata
+
+
+def predict(artifact, images, batch_size=1000, trust_code=False):
+    """Log-probabilities [N, 10] (torch, CPU) of an exported file (a path, or a function from load())
+    for uint8 images [N, 28, 28]."""
+    run = load(artifact, trust_code) if isinstance(artifact, str) else artifact
+    x = data.to_unit(images).numpy()
+    return torch.from_numpy(np.concatenate([run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]))
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

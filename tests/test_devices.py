@@ -1,0 +1,114 @@
+"""The behaviours that must hold on every device, run on the CPU always and on CUDA (and MPS) where
+present: `make gpu-check` runs this file on the GPU machine. Small subsets keep the CPU run short."""
+import os
+import warnings
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.transforms import InterpolationMode
+
+import artifacts
+import common
+import data
+import models
+import train
+
+DEVICES = common.devices_present()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def short_run(tmp_path, mnist_dir, device, name, *extra):
+    args = train.parse_args(["--model", "gap10k", "--device", device, "--data-dir", mnist_dir, "--subset", "512",
+                             "--epochs", "2", "--no-progress", "--out", str(tmp_path / name), *extra])
+    return train.run(args), tmp_path / name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_numbers_and_exact_resume(tmp_path, mnist_dir, device, monkeypatch):
+    """Two runs with one seed agree exactly, and a run stopped after epoch 1 and resumed ends where
+    an uninterrupted one does (metrics and weights)."""
+    _, a = short_run(tmp_path, mnist_dir, device, "a")
+    _, b = short_run(tmp_path, mnist_dir, device, "b")
+    real = train.train_epoch
+
+    def stop_in_epoch_2(step, loader, steps, epoch=0, progress=True):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(step, loader, steps, epoch, progress)
+    monkeypatch.setattr(train, "train_epoch", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        short_run(tmp_path, mnist_dir, device, "c")
+    monkeypatch.setattr(train, "train_epoch", real)
+    train.run(train.parse_args(["--resume", str(tmp_path / "c"), "--data-dir", mnist_dir, "--no-progress"]))
+    cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]
+    rows = [[[r[k] for k in cols] for r in common.read_metrics(str(f))] for f in (a, b, tmp_path / "c")]
+    assert len(rows[0]) == 2 and rows[0] == rows[1] == rows[2]
+    wa, wb, wc = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, b, tmp_path / "c"))
+    assert all(torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]) for k in wa)
+    _, d = short_run(tmp_path, mnist_dir, device, "d", "--seed", "2", "--epochs", "1")
+    assert [[r[k] for k in cols] for r in common.read_metrics(str(d))][0] != rows[0][0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_augmentation_matches_torchvision_on_device(mnist_dir, device):
+    x = data.load("test", mnist_dir)[0][:16].unsqueeze(1).float().div(255)
+    for angle, shift in ((7.0, (0, 0)), (-12.5, (2, -1))):
+        grid = data.affine_grid(torch.full((16,), angle), torch.tensor([shift] * 16, dtype=torch.float),
+                                device=torch.device(device))
+        ours = torch.nn.functional.grid_sample(x.to(device), grid, mode="nearest", padding_mode="zeros",
+                                               align_corners=False).cpu()
+        theirs = TF.affine(x, angle=-angle, translate=list(shift), scale=1.0, shear=[0.0],
+                           interpolation=InterpolationMode.NEAREST, fill=0)
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_predictions_match_cpu_and_exports(tmp_path, mnist_dir, device):
+    """A model on `device` predicts what it predicts on the CPU, and an ONNX export of its weights
+    (exported from the CPU copy) agrees with it."""
+    model = models.from_checkpoint(common.load_checkpoint(os.path.join(ROOT, "pretrained", "bn_fc.pt")))
+    x = data.load("test", mnist_dir)[0][:1000]
+    cpu = models.predict(model, x)
+    dev = models.predict(model.to(device), x)
+    assert torch.equal(cpu.argmax(1), dev.argmax(1)) and (cpu - dev).abs().max() < 1e-4
+    path = str(tmp_path / "m.onnx")
+    ck = dict(model_name="bn_fc", test_acc=0.0, epoch=0)
+    artifacts.write_onnx(artifacts.Exportable(model.cpu()).eval(), path, artifacts.metadata(ck), 18)
+    got = artifacts.predict(path, x)
+    assert torch.equal(got.argmax(1), dev.argmax(1)) and (got - dev).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_step_never_waits_for_the_device(mnist_dir, device):
+    """Between the every-SYNC_EVERY-steps reads, the step makes no tensor from Python values on the
+    device (a blocking copy) and, on CUDA, no synchronising call at all."""
+    made, real = [], torch.tensor
+
+    def spy(*a, **k):
+        made.append(k.get("device"))
+        return real(*a, **k)
+    x, y = data.load("train", mnist_dir)
+    dev = torch.device(device)
+    for name in ("bn_fc", "conv4_fc"):  # rotation + translation; crop + rotation
+        recipe = models.RECIPES[name]
+        model, net = models.build(recipe, dev)
+        opt = models.build_optimizer(recipe, model)
+        step = train.Step(net, opt)
+        loader = data.batches(x[:512].to(dev), y[:512].to(dev), 32, recipe["augment"], data.generator(0, dev))
+        torch.tensor = spy
+        try:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train.train_epoch(step, (b for _, b in zip(range(train.SYNC_EVERY - 1), loader)),
+                                  train.SYNC_EVERY - 1, progress=False)
+        finally:
+            torch.tensor = real
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+        assert [d for d in made if d is not None] == [], made
+        # the one sync at the end of the (short) epoch is allowed; nothing per step
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) <= 3, [str(w.message) for w in syncs]

@@ -1,0 +1,316 @@
+"""Hostile and careless input, each class run as a real process: exit code, exactly one stderr line
+starting 'error:', no traceback, no partial file, and for code-bearing artifacts no code run.
+
+The cases run in one batch: a runner process imports torch and the scripts once, then forks one
+child per case (its own exit code, stderr and working folder), which keeps ~40 process runs fast."""
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+import zlib
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import artifacts
+import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RUNNER = r'''
+import json, os, runpy, sys
+cases, root = json.loads(sys.argv[1]), sys.argv[2]
+sys.path.insert(0, root)
+import common, data, models, artifacts, train, evaluate, export, bench  # noqa: imported once, then forked
+out = []
+for c in cases:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.dup2(w, 2)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        os.chdir(c["cwd"])
+        sys.argv = [c["script"], *c["args"]]
+        code = 0
+        try:
+            runpy.run_path(os.path.join(root, c["script"]), run_name="__main__")
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) or e.code is None else 1
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            code = 99
+        sys.stderr.flush()
+        os._exit(code or 0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        err = f.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    out.append(dict(code=os.waitstatus_to_exitcode(status), err=err))
+print(json.dumps(out))
+'''
+
+
+def run_batch(cases, mnist_dir):
+    env = dict(os.environ, MNIST_DIR=mnist_dir, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    r = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cases), ROOT], env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- hostile files
+
+class Evil(torch.nn.Module):
+    """A TorchScript module whose __setstate__ creates a file when torch.jit.load runs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.zeros(1)
+
+    def forward(self, x):
+        return torch.zeros(x.shape[0], 10).log_softmax(1)
+
+    @torch.jit.export
+    def __getstate__(self) -> list[torch.Tensor]:
+        return [self.w]
+
+    @torch.jit.export
+    def __setstate__(self, state: list[torch.Tensor]) -> None:
+        self.training = False
+        self.w = torch.from_file("pwned", True, 8) + state[0].sum()
+
+
+class TupleOut(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :10], x.flatten(1)[:, :10]
+
+
+def onnx_file(path, inputs, outputs, nodes):
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+
+
+def tensor(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def gzip_bomb(path, head, inflated):
+    """A .gz whose IDX header is right but whose body inflates to `inflated` bytes of zeros."""
+    comp, chunk = zlib.compressobj(9, zlib.DEFLATED, 31), bytes(1 << 24)
+    with open(path, "wb") as f:
+        f.write(comp.compress(head))
+        for _ in range(inflated // len(chunk)):
+            f.write(comp.compress(chunk))
+        f.write(comp.flush())
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory, mnist_dir, trained):
+    d = tmp_path_factory.mktemp("hostile")
+    best = torch.load(trained / "best.pt", weights_only=True)
+    last = torch.load(trained / "last.pt", weights_only=True)
+    save = lambda obj, name: torch.save(obj, d / name)  # noqa: E731
+    save(dict(best, model={"features.0.0.weight": 1}), "not-tensors.pt")
+    save(dict(best, model_name=5), "name-not-str.pt")
+    save({k: v for k, v in best.items() if k != "epoch"}, "no-epoch.pt")
+    save(dict(best, test_acc="high"), "acc-not-number.pt")
+    save(dict(best, model_name="gap10k"), "wrong-shapes.pt")
+    nan = {k: v.clone() for k, v in best["model"].items()}
+    nan["fc.weight"][0, 0] = float("nan")
+    save(dict(best, model=nan), "nan.pt")
+    # a zip checkpoint with a deflated entry: torch never writes one, and it could inflate without bound
+    with zipfile.ZipFile(trained / "best.pt") as src, zipfile.ZipFile(d / "deflated.pt", "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
+    with open(d / "huge.pt", "wb") as f:
+        f.truncate(common.MAX_CHECKPOINT_BYTES + 1)  # sparse: costs no disk
+    for name, ckpt in (("best-copy", best), ("bad-optimizer", dict(last, optimizer={"state": {}, "param_groups": [
+            {"params": [0, 1], "lr": 0.1}]}))):
+        (d / name).mkdir()
+        torch.save(ckpt, d / name / "last.pt")
+    # data: a gzip with a corrupt deflate stream, and a gzip bomb
+    for name in ("badzlib", "bomb"):
+        shutil.copytree(mnist_dir, d / name, ignore=shutil.ignore_patterns("README*"))
+    raw = (d / "badzlib" / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    (d / "badzlib" / "t10k-labels-idx1-ubyte.gz").write_bytes(raw[:40] + bytes(200) + raw[240:])
+    head = (2051).to_bytes(4, "big") + (10000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    gzip_bomb(d / "bomb" / "t10k-images-idx3-ubyte.gz", head, 1 << 30)
+    # exported files: code, and files that break the output contract
+    torch.jit.save(torch.jit.script(Evil()), d / "evil.torchscript.pt")
+    (d / "listed").mkdir()
+    shutil.copy(d / "evil.torchscript.pt", d / "listed" / "evil.torchscript.pt")
+    (d / "listed" / "manifest.json").write_text(json.dumps({"files": {"evil.torchscript.pt": {"sha256": "0" * 64}}}))
+    torch.jit.save(torch.jit.script(TupleOut()), d / "tuple.torchscript.pt")
+    onnx_file(str(d / "out5.onnx"), [tensor("image", ["N", 1, 28, 28])], [tensor("y", ["N", 5])],
+              [helper.make_node("Flatten", ["image"], ["y0"]),
+               helper.make_node("Slice", ["y0", "s", "e", "a"], ["y"])])
+    m = onnx.load(str(d / "out5.onnx"))
+    m.graph.initializer.extend([helper.make_tensor(n, TensorProto.INT64, [1], [v])
+                                for n, v in (("s", 0), ("e", 5), ("a", 1))])
+    onnx.save(m, str(d / "out5.onnx"))
+    onnx_file(str(d / "two-out.onnx"), [tensor("image", ["N", 1, 28, 28])],
+              [tensor("a", ["N", 1, 28, 28]), tensor("b", ["N", 1, 28, 28])],
+              [helper.make_node("Identity", ["image"], ["a"]), helper.make_node("Identity", ["image"], ["b"])])
+    onnx_file(str(d / "flat-in.onnx"), [tensor("image", ["N", 784])], [tensor("y", ["N", 784])],
+              [helper.make_node("Identity", ["image"], ["y"])])
+    # a run folder with garbage beside a good checkpoint
+    (d / "garbage-run").mkdir()
+    shutil.copy(trained / "best.pt", d / "garbage-run" / "best.pt")
+    (d / "garbage-run" / "metrics.csv").write_text("epoch,test_acc\n1,abc\n\x00\x01")
+    (d / "garbage-run" / "summary.json").write_text("[1, 2, 3]")
+    (d / "a-folder.json").mkdir()
+    return d
+
+
+CASES = [  # (id, script, args, expected exit code, what stderr must say)
+    ("code: TorchScript without a manifest", "evaluate.py", ["--artifact", "{h}/evil.torchscript.pt"], 1,
+     "is not listed in the manifest.json"),
+    ("code: TorchScript whose sha256 differs", "evaluate.py", ["--artifact", "{h}/listed/evil.torchscript.pt"], 1,
+     "sha256 differs"),
+    ("ckpt: model not tensors", "evaluate.py", ["--checkpoint", "{h}/not-tensors.pt"], 1, "not a dict of tensors"),
+    ("ckpt: model_name not a string", "evaluate.py", ["--checkpoint", "{h}/name-not-str.pt"], 1, "needs model_name"),
+    ("ckpt: epoch missing", "export.py", ["--checkpoint", "{h}/no-epoch.pt", "--out", "x"], 1, "epoch missing"),
+    ("ckpt: test_acc not a number", "evaluate.py", ["--checkpoint", "{h}/acc-not-number.pt"], 1, "test_acc"),
+    ("ckpt: shapes do not fit", "evaluate.py", ["--checkpoint", "{h}/wrong-shapes.pt"], 1, "do not fit the gap10k"),
+    ("ckpt: NaN weights (evaluate)", "evaluate.py", ["--checkpoint", "{h}/nan.pt"], 1, "NaN or infinite weights"),
+    ("ckpt: NaN weights (export)", "export.py", ["--checkpoint", "{h}/nan.pt", "--out", "x"], 1, "NaN or infinite"),
+    ("ckpt: compressed entries", "evaluate.py", ["--checkpoint", "{h}/deflated.pt"], 1, "compressed entries"),
+    ("ckpt: too large", "evaluate.py", ["--checkpoint", "{h}/huge.pt"], 1, "larger than any checkpoint"),
+    ("resume: best.pt copied as last.pt", "train.py", ["--resume", "{h}/best-copy", "--device", "cpu"], 1,
+     "no training state"),
+    ("resume: optimizer state does not fit", "train.py", ["--resume", "{h}/bad-optimizer"], 1,
+     "optimizer, schedule or RNG state does not fit"),
+    ("resume: flags it would ignore", "train.py", ["--resume", "{t}", "--epochs", "5", "--amp"], 1,
+     "drop --epochs, --amp"),
+    ("resume: another recipe", "train.py", ["--resume", "{t}", "--model", "gap10k"], 1, "is a bn_fc run, not gap10k"),
+    ("export: output not [N, 10]", "evaluate.py", ["--artifact", "{h}/out5.onnx"], 1, "[N, 10] output"),
+    ("export: two outputs", "evaluate.py", ["--artifact", "{h}/two-out.onnx"], 1, "[N, 10] output"),
+    ("export: input not [N, 1, 28, 28]", "evaluate.py", ["--artifact", "{h}/flat-in.onnx"], 1, "[N, 1, 28, 28] input"),
+    ("export: TorchScript tuple output", "evaluate.py", ["--artifact", "{h}/tuple.torchscript.pt", "--trust-code"], 1,
+     "breaks the output contract"),
+    ("data: corrupt deflate stream", "train.py", ["--data-dir", "{h}/badzlib", "--device", "cpu"], 1,
+     "cannot read t10k-labels-idx1-ubyte.gz"),
+    ("data: gzip bomb", "evaluate.py", ["--checkpoint", "{t}/best.pt", "--data-dir", "{h}/bomb"], 1,
+     "truncated or padded: more than"),
+    ("args: --seed below 0", "train.py", ["--seed", "-1"], 1, "--seed must be between 0 and 2**63-1"),
+    ("args: --seed above 2**63-1", "train.py", ["--seed", str(2 ** 63)], 1, "--seed must be between"),
+    ("args: --workers -1", "train.py", ["--workers", "-1"], 1, "--workers must be at least 0"),
+    ("args: --opset the exporter cannot produce", "export.py", ["--checkpoint", "{t}/best.pt", "--opset", "17",
+                                                                "--out", "x"], 1, "not the asked 17"),
+    ("args: --tolerance 0", "export.py", ["--checkpoint", "{t}/best.pt", "--tolerance", "0"], 1,
+     "--tolerance must be a positive number"),
+    ("args: --tolerance nan", "export.py", ["--checkpoint", "{t}/best.pt", "--tolerance", "nan"], 1,
+     "--tolerance must be a positive number"),
+    ("args: --json names a folder", "bench.py", ["--json", "{h}/a-folder.json"], 1, "is a folder"),
+    ("args: --json unwritable", "bench.py", ["--json", "/proc/no/where.json"], 1, "missing or read-only"),
+    ("args: --out unwritable", "evaluate.py", ["--checkpoint", "{t}/best.pt", "--out", "/proc/x"], 1,
+     "cannot write to --out folder"),
+    ("run folder: garbage metrics.csv and summary.json", "evaluate.py",
+     ["--checkpoint", "{h}/garbage-run/best.pt"], 0, "warning:"),
+    ("run: fails before its first epoch", "train.py", ["--model", "gap10k", "--data-dir", "{h}/badzlib",
+                                                       "--device", "cpu"], 1, "cannot read"),
+]
+
+
+@pytest.fixture(scope="module")
+def results(hostile, trained, mnist_dir, tmp_path_factory):
+    cases = []
+    for cid, script, args, _, _ in CASES:
+        cwd = tmp_path_factory.mktemp("case")
+        cases.append(dict(script=script, cwd=str(cwd),
+                          args=[a.format(h=hostile, t=trained) for a in args]))
+    return {cid: dict(r, cwd=c["cwd"]) for (cid, *_), c, r in zip(CASES, cases, run_batch(cases, mnist_dir))}
+
+
+@pytest.mark.parametrize("cid, script, args, code, message", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input_gets_one_line(results, hostile, cid, script, args, code, message):
+    r = results[cid]
+    err = r["err"].strip()
+    assert r["code"] == code, err
+    assert "Traceback" not in err, err
+    if code:
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    else:
+        assert message in err, err
+    leftovers = [os.path.join(dp, f) for dp, _, fs in os.walk(r["cwd"]) for f in fs]
+    assert not [f for f in leftovers if ".tmp" in f or f.endswith((".pt", ".onnx"))], leftovers
+    assert not (hostile / "pwned").exists() and not os.path.exists(os.path.join(r["cwd"], "pwned"))
+
+
+def test_failed_run_leaves_no_folder_and_latest_unmoved(results):
+    cwd = results["run: fails before its first epoch"]["cwd"]
+    assert not os.path.exists(os.path.join(cwd, "runs", "gap10k")) or \
+        os.listdir(os.path.join(cwd, "runs", "gap10k")) == []
+
+
+def test_garbage_run_folder_still_gets_a_strict_report(hostile, results):
+    assert results["run folder: garbage metrics.csv and summary.json"]["code"] == 0
+    strict = lambda c: (_ for _ in ()).throw(ValueError(c))  # noqa: E731  NaN / Infinity are not JSON
+    report = json.loads((hostile / "garbage-run" / "report.json").read_text(), parse_constant=strict)
+    assert report["model"] == "bn_fc" and not (hostile / "garbage-run" / "curves.png").exists()
+
+
+def test_trusted_code_runs_only_with_trust_code(hostile, tmp_path, monkeypatch):
+    """--trust-code is the user's explicit word: then the file loads (and its code runs)."""
+    shutil.copy(hostile / "evil.torchscript.pt", tmp_path / "evil.torchscript.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(common.UserError, match="not listed"):
+        artifacts.load(str(tmp_path / "evil.torchscript.pt"))
+    assert not (tmp_path / "pwned").exists()
+    artifacts.load(str(tmp_path / "evil.torchscript.pt"), trust_code=True)
+    assert (tmp_path / "pwned").exists()
+
+
+def test_bomb_fails_fast_under_a_4gib_address_space(hostile, trained, tmp_path):
+    """A 1 GiB gzip bomb is refused after reading the bytes its header promises plus one."""
+    import resource
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # noqa: E731
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", str(trained / "best.pt"),
+                        "--data-dir", str(hostile / "bomb"), "--out", str(tmp_path)], preexec_fn=limit,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "truncated or padded" in r.stderr
+
+
+def test_report_files_are_one_set(tmp_path, monkeypatch):
+    """A write that fails mid-way (a full disk, say) leaves the old report files as they were."""
+    old = {tmp_path / n: n.encode() for n in ("report.json", "report.html", "confusion.png")}
+    for p, b in old.items():
+        p.write_bytes(b)
+    real_open, opened = open, []
+
+    def full_disk(path, *a, **k):
+        opened.append(path)
+        if len(opened) == 3:
+            raise OSError(28, "No space left on device", path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(OSError):
+        common.replace_all({str(p): b"new" for p in old})
+    monkeypatch.undo()
+    assert {p: p.read_bytes() for p in old} == old
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in old)
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    """kill -9 leaves <target>.<pid>.tmp behind; the next run into that folder removes it."""
+    dead = 2 ** 22 + 12345  # above any pid this machine hands out
+    (tmp_path / f"bn_fc.onnx.{dead}.tmp.onnx").write_bytes(b"half")
+    (tmp_path / f"last.pt.{dead}.tmp").write_bytes(b"half")
+    (tmp_path / f"mine.{os.getpid()}.tmp").write_bytes(b"in use")
+    common.check_out_dir(str(tmp_path), "--out")
+    assert os.listdir(tmp_path) == [f"mine.{os.getpid()}.tmp"]
+
+
+def test_json_is_strict_everywhere(tmp_path):
+    common.save_json({"loss": float("nan"), "x": [float("inf"), 1.0]}, str(tmp_path / "a.json"))
+    assert json.loads((tmp_path / "a.json").read_text()) == {"loss": None, "x": [None, 1.0]}
