@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -76,8 +77,10 @@ def write_onnx(module, path, meta, opset):
     import onnx
     example = torch.rand(2, 1, 28, 28)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
-    program = torch.onnx.export(module, (example,), dynamo=True, input_names=["image"], output_names=["log_probs"],
-                                dynamic_shapes={"image": {0: batch}}, opset_version=opset, verbose=False)
+    with quiet_stderr():  # the exporter logs its fallbacks (tracebacks included) straight to stderr
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["image"],
+                                    output_names=["log_probs"], dynamic_shapes={"image": {0: batch}},
+                                    opset_version=opset, verbose=False)
     proto = program.model_proto
     got = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if got != opset:
@@ -85,6 +88,22 @@ def write_onnx(module, path, meta, opset):
     onnx.helper.set_model_props(proto, meta)
     onnx.checker.check_model(proto, full_check=True)
     atomic_write(path, lambda f: f.write(proto.SerializeToString()), suffix=".onnx")
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence file descriptor 2 (what libraries print and log) for the duration; our own errors are
+    raised, not printed, so nothing the user needs is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def write_torchscript(module, path, meta):

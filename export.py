@@ -70,8 +70,8 @@ def main(argv=None):
                    help="default: onnx; all writes every format")
     p.add_argument("--out", default="exports", help="output folder (default: exports/); export.py records every "
                    f"file it writes with its sha256 in {artifacts.MANIFEST} there")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18); an opset the exporter cannot "
-                   "produce is refused")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18); one the exporter cannot produce "
+                   "exactly is refused")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max |log-prob difference| from PyTorch allowed on any test image (default 1e-4)")
     p.add_argument("--data-dir", help="MNIST folder for the verification (default: $MNIST_DIR, then ./data)")

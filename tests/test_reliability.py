@@ -54,6 +54,10 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, mnist_dir):
         assert proc.poll() is None and time.time() < deadline, "training ended before it could be killed"
         time.sleep(0.02)
     time.sleep(0.3)                         # into epoch 2
+    # a second writer of the same folder is refused while the run holds it (and train.py takes the
+    # lock before anything else: test_hostile runs the CLI against a held folder)
+    with pytest.raises(common.UserError, match="is in use by another train.py process"):
+        common.lock_run(str(tmp_path / "cut"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     check_files_whole(tmp_path / "cut")
