@@ -262,9 +262,9 @@ WORK_SIDE = 800   # larger pictures are reduced to at most this many pixels a si
 MIN_CONTRAST = 0.1   # ink must differ from the paper by 10% of the grey scale, else "no ink"
 
 
-def open_image(source, name):
+def open_image(source):
     """A fully decoded PIL image (first frame, EXIF orientation applied) from a path or bytes.
-    DataError, naming `name`, for anything that is not a whole image of a sane size."""
+    DataError for anything that is not a whole image of a sane size (the caller names the file)."""
     import io
     import warnings
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -273,7 +273,7 @@ def open_image(source, name):
         with open(source, "rb") as f:
             raw = f.read()
     if not raw:
-        raise DataError(f"{name} is empty")
+        raise DataError("empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -281,12 +281,12 @@ def open_image(source, name):
             img.load()
             return ImageOps.exif_transpose(img)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise DataError(f"{name} is too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+            raise DataError(f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
                             "(a decompression bomb?); a digit needs far fewer") from None
         except UnidentifiedImageError:
-            raise DataError(f"{name} is not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP)") from None
+            raise DataError("not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise DataError(f"{name} is truncated or corrupt ({str(e) or type(e).__name__})") from None
+            raise DataError(f"truncated or corrupt image ({str(e) or type(e).__name__})") from None
 
 
 def _grey(img):
@@ -359,13 +359,17 @@ def ink_of(img):
     return np.clip((ink / peak - 0.25) / 0.5, 0, 1)   # paper and noise to 0, the strokes' core to 1
 
 
-def is_mnist_form(img):
-    """A 28x28 greyscale image, white digit on a dark border: MNIST's own form."""
+def mnist_form(img):
+    """The uint8 array [28, 28] of a 28x28 greyscale image with a dark border (MNIST's own form), else None."""
     if img.size != (28, 28) or img.mode not in ("L", "RGB") or "transparency" in img.info:
-        return False
-    a = np.asarray(img.convert("RGB"))
+        return None
+    a = np.array(img)
+    if a.ndim == 3:
+        if not (a == a[..., :1]).all():
+            return None
+        a = a[..., 0].copy()
     border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    return bool((a == a[..., :1]).all() and border.mean() < 32 and a.max() >= 128)
+    return a if border.mean() < 32 and a.max() >= 128 else None
 
 
 def to_mnist(img):
@@ -373,8 +377,9 @@ def to_mnist(img):
     MNIST's normalisation (see above). An image already in MNIST's form is returned unchanged.
     DataError when there is no ink."""
     from PIL import Image
-    if is_mnist_form(img):
-        return torch.from_numpy(np.array(img.convert("L")))
+    same = mnist_form(img)
+    if same is not None:
+        return torch.from_numpy(same)
     ink = ink_of(img)
     rows, cols = np.nonzero(_blur3(ink) > 0.3)   # the blur drops lone noisy pixels from the box
     if rows.size == 0:
