@@ -300,6 +300,9 @@ def _grey(img):
     factor = -(-max(img.size) // WORK_SIDE)
     if factor > 1:
         img = img.reduce(factor)
+    elif max(img.size) < 112:   # small pictures: finer steps for the box and the thresholds
+        k = -(-112 // max(img.size))
+        img = img.resize((img.width * k, img.height * k), Image.BICUBIC)
     a = np.asarray(img, dtype=np.float32)
     if img.mode in ("I", "F"):
         return np.clip(a / (65535 if img.mode == "I" else max(1.0, float(a.max()))), 0, 1)
