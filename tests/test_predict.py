@@ -418,11 +418,11 @@ def test_drawing_page_in_a_real_browser(browser, server, photos, tmp_path):
 
 # ------------------------------------------------------------------------ README picture
 
-def figure(path, mnist_dir=None, n=6):
+def figure(path, mnist_dir=None, n=8):
     """A few synthetic photos above what the model sees of each (the README's picture)."""
     from PIL import ImageDraw
     x, _ = data.load("test", mnist_dir)
-    rng = np.random.default_rng(7)
+    rng = np.random.default_rng(3)
     cell, pad = 112, 8
     sheet = Image.new("RGB", (n * (cell + pad) + pad + 90, 2 * (cell + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
@@ -436,7 +436,7 @@ def figure(path, mnist_dir=None, n=6):
         sheet.paste(img, (left + (cell - img.width) // 2, pad + (cell - img.height) // 2))
         seen = Image.fromarray(data.to_mnist(data.open_image(raw)).numpy()).resize((cell, cell), Image.NEAREST)
         sheet.paste(seen, (left, 2 * pad + cell))
-    common.atomic_write(path, lambda f: sheet.quantize(64).save(f, "PNG", optimize=True))
+    common.atomic_write(path, lambda f: sheet.quantize(256).save(f, "PNG", optimize=True))
 
 
 if __name__ == "__main__":
