@@ -128,6 +128,8 @@ def make_server(host, port, classify, info):
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 30   # seconds a client may stall mid-request
+
         def reply(self, code, body, kind="application/json"):
             body = body if isinstance(body, bytes) else json.dumps(body).encode()
             self.send_response(code)
