@@ -113,11 +113,13 @@ def run_files(args, classify):
         except (common.UserError, OSError) as e:
             problems.append(f)
             print(f"error: {f}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
-    if images:
-        results = [answer(n, p) for n, p in zip(names, classify(torch.stack(images)))]
-        if args.save_preprocessed:
-            save_inputs(args.save_preprocessed, names, images)
-        print(json.dumps(results, indent=1) if args.json else "\n".join(top_line(r, args.top) for r in results))
+    results = [answer(n, p) for n, p in zip(names, classify(torch.stack(images)))] if images else []
+    if args.save_preprocessed:
+        save_inputs(args.save_preprocessed, names, images)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    elif results:
+        print("\n".join(top_line(r, args.top) for r in results))
     return len(problems)
 
 
