@@ -35,12 +35,10 @@ PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predict.html")
 def load_classifier(args):
     """(classify: uint8 images [N, 28, 28] -> probabilities numpy [N, 10], info: model, test_acc, source)."""
     if args.artifact:
-        if not os.path.isfile(args.artifact):
-            raise common.UserError(f"artifact {args.artifact} does not exist")
-        meta = artifacts.read_metadata(args.artifact, trust_code=args.trust_code)
         run = artifacts.load(args.artifact, trust_code=args.trust_code)
-        info = {"model": meta.get("model", "?"), "test_acc": meta.get("test_acc"), "source": args.artifact}
-        return lambda x: np.exp(run(data.to_unit(x).numpy())), info
+        info = {"model": run.metadata.get("model", "?"), "test_acc": run.metadata.get("test_acc"),
+                "source": args.artifact}
+        return lambda x: artifacts.predict(run, x).exp().numpy(), info
     name = args.model or "bn_gap"
     models.get_recipe(name)
     path = common.find_checkpoint(name, args.checkpoint)
