@@ -3,7 +3,7 @@ PY := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 MODEL ?= bn_gap
 ARGS ?=
 
-.PHONY: help install test train evaluate export bench bench-pytest reproduce gpu-check clean
+.PHONY: help install test train evaluate export serve bench bench-pytest reproduce gpu-check clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -24,6 +24,9 @@ evaluate:  ## evaluate MODEL's latest best checkpoint (else pretrained/) on the 
 
 export:  ## export MODEL to every format, each verified on all test images
 	$(PY) export.py --model $(MODEL) --format all $(ARGS)
+
+serve:  ## the drawing page for MODEL on http://127.0.0.1:8000/ (predict.py --serve)
+	$(PY) predict.py --serve --model $(MODEL) $(ARGS)
 
 bench:  ## quick speed table (gap10k, CPU); FULL=1: every model on every device
 	$(PY) bench.py $(if $(FULL),,--quick) --json bench.json $(ARGS)

@@ -1,0 +1,455 @@
+"""predict.py and data.to_mnist: synthetic photos of real test digits with every shipped model, the
+identity case, image formats, every bad input, the server's endpoints, and the drawing page driven in
+a real headless Chromium.
+
+    python tests/test_predict.py docs/predict-preprocessing.png   # the README's picture
+"""
+import base64
+import fcntl
+import http.client
+import io
+import json
+import os
+import select
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import common  # noqa: E402
+import data  # noqa: E402
+import models  # noqa: E402
+import predict  # noqa: E402
+
+N_PHOTOS = 500
+
+
+def pretrained(name):
+    return os.path.join(ROOT, "pretrained", name + ".pt")
+
+
+def photo(digit, rng):
+    """A synthetic photo (JPEG or PNG bytes) of an MNIST digit (uint8 [28, 28]): pen or chalk colour,
+    paper, size, position, uneven lighting, noise, blur and JPEG compression all drawn from rng."""
+    s = int(rng.integers(30, 110)) * 28 // 20                  # the digit's 20-px box becomes 30-110 px
+    ink = Image.fromarray(digit).resize((s, s), Image.BICUBIC).filter(ImageFilter.GaussianBlur(rng.uniform(0, s / 60)))
+    ink = np.asarray(ink, np.float32) / 255                     # blurred: out of focus
+    w, h = s + int(rng.integers(8, s)), s + int(rng.integers(8, s))
+    y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+    a = np.zeros((h, w, 1), np.float32)
+    a[y:y + s, x:x + s, 0] = np.clip(ink, 0, 1)
+    if rng.random() < 0.2:   # chalk on a board
+        paper, pen = rng.uniform(0.05, 0.3, 3), rng.uniform(0.75, 1, 3)
+    else:                    # a pen of any dark colour on light paper
+        paper, pen = rng.uniform(0.75, 1, 3), rng.uniform(0, 0.4, 3) * rng.uniform(0.3, 1, 3)
+    img = paper.astype(np.float32) + (pen - paper).astype(np.float32) * a
+    angle, k = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.4)   # light falls off by up to 40% across
+    img *= (1 - k * (np.cos(angle) * np.arange(w, dtype=np.float32) / w
+                     + np.sin(angle) * np.arange(h, dtype=np.float32)[:, None] / h))[..., None]
+    img += 0.02 * rng.standard_normal(img.shape, dtype=np.float32)
+    pil = Image.fromarray(np.uint8(np.clip(img, 0, 1) * 255 + 0.5))
+    buf = io.BytesIO()
+    if rng.random() < 0.7:
+        pil.save(buf, "JPEG", quality=int(rng.integers(40, 95)))
+    else:
+        pil.save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def png_bytes(img, fmt="PNG", **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def test_set(mnist_dir):
+    return data.load("test", mnist_dir)
+
+
+@pytest.fixture(scope="module")
+def photos(test_set):
+    """N_PHOTOS synthetic photos of the first test digits, and what to_mnist makes of them."""
+    x, y = test_set
+    rng = np.random.default_rng(0)
+    raw = [photo(d, rng) for d in x[:N_PHOTOS].numpy()]
+    return raw, torch.stack([data.to_mnist(data.open_image(r)) for r in raw]), y[:N_PHOTOS]
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return predict.load_classifier(predict.parse_args(["--checkpoint", pretrained("bn_gap"), "--device", "cpu"]))
+
+
+def accuracy(logp, labels):
+    return float((logp.argmax(1) == labels).float().mean() * 100)
+
+
+# ------------------------------------------------------------------------ preprocessing
+
+def test_synthetic_photos_score_like_mnist_with_every_shipped_model(photos, test_set):
+    raw, seen, labels = photos
+    plain = torch.stack([torch.from_numpy(np.array(data.open_image(r).convert("L").resize((28, 28)))) for r in raw])
+    for name in models.RECIPES:
+        model = models.from_checkpoint(common.load_checkpoint(pretrained(name)))
+        got, mnist = accuracy(models.predict(model, seen), labels), accuracy(models.predict(model, test_set[0][:N_PHOTOS]), labels)
+        assert got >= mnist - 1.5, f"{name}: {got:.1f}% on the photos, {mnist:.1f}% on the same MNIST digits"
+        if name == "bn_gap":
+            assert got >= 98.0
+            assert accuracy(models.predict(model, plain), labels) < 50   # a plain resize fails: the photos are hard
+
+
+def test_mnist_test_images_pass_unchanged(test_set):
+    x, _ = test_set
+    assert torch.equal(torch.stack([data.to_mnist(Image.fromarray(a)) for a in x.numpy()]), x)
+    assert torch.equal(data.to_mnist(Image.fromarray(x[0].numpy()).convert("RGB")), x[0])
+
+
+def variants(digit):
+    """The same digit in the forms a user's file may take: (label, encoded bytes)."""
+    big = Image.fromarray(digit).resize((140, 140), Image.BICUBIC)
+    ink = np.asarray(big)
+    dark = Image.fromarray(255 - ink)
+    rgba = np.zeros((140, 140, 4), np.uint8)
+    rgba[..., 2], rgba[..., 3] = 120, ink                        # dark blue strokes on a transparent page
+    la = np.stack([np.full_like(ink, 255), ink], -1)            # white strokes on a transparent page
+    grey16 = Image.fromarray((65535 - ink.astype(np.uint16) * 257).astype(np.uint16))
+    gif = [dark.convert("P"), Image.new("P", (140, 140), 0)]
+    return [("white on black, large", png_bytes(big)),
+            ("black on white 28x28", png_bytes(Image.fromarray(255 - digit))),
+            ("RGBA transparent", png_bytes(Image.fromarray(rgba, "RGBA"))),
+            ("LA transparent", png_bytes(Image.fromarray(la, "LA"))),
+            ("16-bit PNG", png_bytes(grey16)),
+            ("16-bit TIFF", png_bytes(grey16, "TIFF")),
+            ("GIF, first frame", png_bytes(gif[0], "GIF", save_all=True, append_images=gif[1:])),
+            ("WebP", png_bytes(dark.convert("RGB"), "WEBP", quality=80)),
+            ("BMP 1-bit", png_bytes(dark.convert("1"), "BMP")),
+            ("CMYK JPEG", png_bytes(dark.convert("CMYK"), "JPEG", quality=85))]
+
+
+def test_image_formats_and_modes(test_set, classifier):
+    x, y = test_set
+    classify, _ = classifier
+    for i in range(3):
+        digit = x[i].numpy()
+        for what, raw in variants(digit):
+            seen = data.to_mnist(data.open_image(raw))
+            corr = np.corrcoef(seen.numpy().ravel().astype(float), digit.ravel().astype(float))[0, 1]
+            assert corr > 0.7, f"digit {i}, {what}: correlation {corr:.2f} with the MNIST original"
+            assert classify(seen[None])[0].argmax() == y[i], f"digit {i}, {what}"
+
+
+def test_thin_pen_strokes_are_made_bold(test_set, classifier):
+    """A fine pen photographed large: MNIST digits thinned to a third of their stroke width, still read."""
+    x, y = test_set
+    thin = [Image.fromarray(x[i].numpy()).resize((280, 280), Image.BICUBIC).filter(ImageFilter.MinFilter(7))
+            .filter(ImageFilter.MinFilter(7)) for i in range(40)]
+    seen = torch.stack([data.to_mnist(Image.fromarray(255 - np.asarray(t))) for t in thin])
+    assert seen.float().mean() > 0.65 * x[:40].float().mean()   # without widening: 0.48
+    assert (classifier[0](seen).argmax(1) == y[:40].numpy()).mean() >= 0.975   # without widening: 0.95
+
+
+# ------------------------------------------------------------------------------ the CLI
+
+def bomb_png(side=30000):
+    """A tiny PNG whose header claims side x side pixels (far over Pillow's limit)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_bad_inputs_each_get_one_error_line_and_the_good_ones_answers(tmp_path, test_set, capsys):
+    x, y = test_set
+    good = png_bytes(Image.fromarray(x[0].numpy()))
+    files = {"good.png": good, "text.png": b"not an image\n", "truncated.png": good[:len(good) // 2],
+             "empty.jpg": b"", "blank.png": png_bytes(Image.new("RGB", (90, 60), (240, 238, 230))),
+             "bomb.png": bomb_png()}
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+    (tmp_path / "no-images").mkdir()
+    (tmp_path / "no-images" / "notes.txt").write_text("nothing here")
+    args = [str(tmp_path / n) for n in files] + [str(tmp_path / "no-images"), str(tmp_path / "missing.png")]
+    with pytest.raises(SystemExit) as e:
+        predict.main(args + ["--checkpoint", pretrained("bn_gap"), "--device", "cpu", "--top", "2"])
+    assert e.value.code == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [l for l in out.splitlines() if l.startswith(str(tmp_path / "good.png"))]
+    assert out.startswith(f"{tmp_path / 'good.png'}: {int(y[0])} (") and "top: " in out
+    lines = err.strip().splitlines()
+    expect = {"text.png": "not an image", "truncated.png": "truncated", "empty.jpg": "empty file",
+              "blank.png": "no ink found", "bomb.png": "too large", "no-images": "no images",
+              "missing.png": "no such file"}
+    assert len(lines) == len(expect) and all(line.startswith("error: ") for line in lines)
+    for name, words in expect.items():
+        assert any(name in line and words in line for line in lines), (name, err)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--top", "0", "x.png"], "--top must be 1 to 10"),
+    ([], "name at least one image"),
+    (["--model", "nope", "x.png"], "unknown model 'nope'"),
+    (["--checkpoint", "missing.pt", "x.png"], "does not exist"),
+    (["--artifact", "missing.onnx", "x.png"], "does not exist"),
+])
+def test_bad_flags(argv, words):
+    with pytest.raises(SystemExit) as e:
+        predict.main(argv)
+    assert str(e.value.code).startswith("error: ") and words in str(e.value.code)
+
+
+def test_cli_on_real_test_images_predicts_like_models_predict(tmp_path, test_set):
+    """predict.py itself (a subprocess) on a folder of real MNIST test PNGs: the same probabilities as
+    models.predict on the raw tensors, --save-preprocessed writes them back unchanged, and one bad
+    file among them is one error line and exit code 1."""
+    x, _ = test_set
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    n = 200
+    for i in range(n):
+        Image.fromarray(x[i].numpy()).save(folder / f"{i:04d}.png")
+    (folder / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), str(folder), "--json", "--checkpoint",
+                          pretrained("bn_gap"), "--device", "cpu", "--save-preprocessed", str(tmp_path / "seen")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip().startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
+    assert "zz-broken.png" in run.stderr and "Traceback" not in run.stderr
+    results = json.loads(run.stdout)
+    assert [r["file"] for r in results] == [str(folder / f"{i:04d}.png") for i in range(n)]
+    assert all(set(r) == {"file", "prediction", "probability", "probabilities"} for r in results)
+    ref = models.predict(models.from_checkpoint(common.load_checkpoint(pretrained("bn_gap"))), x[:n]).exp()
+    got = torch.tensor([r["probabilities"] for r in results])
+    assert (got - ref).abs().max() < 2e-6
+    assert [r["prediction"] for r in results] == ref.argmax(1).tolist()
+    assert all(r["probability"] == max(r["probabilities"]) for r in results)
+    saved = [np.array(Image.open(tmp_path / "seen" / f"{i:04d}.png")) for i in range(n)]
+    assert torch.equal(torch.from_numpy(np.stack(saved)), x[:n])
+
+
+def test_artifact_and_the_trust_rule(tmp_path, test_set, capsys):
+    import artifacts
+    x, y = test_set
+    model = models.from_checkpoint(common.load_checkpoint(pretrained("bn_fc")))
+    path = str(tmp_path / "bn_fc.torchscript.pt")
+    torch.jit.save(torch.jit.script(artifacts.Exportable(model).eval()), path,
+                   _extra_files={"metadata.json": json.dumps({"model": "bn_fc", "test_acc": "99.50"})})
+    image = tmp_path / "digit.png"
+    Image.fromarray(x[1].numpy()).save(image)
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(image), "--artifact", path])
+    assert str(e.value.code).startswith("error: ") and "trust" in str(e.value.code)
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(image), "--artifact", path, "--trust-code", "--top", "1"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith(f"{image}: {int(y[1])} (")
+
+
+# ---------------------------------------------------------------------------- the server
+
+@pytest.fixture(scope="module")
+def server(classifier):
+    srv = predict.make_server("127.0.0.1", 0, *classifier)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def request(port, method, path, body=None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.getheader("Content-Type"), r.read()
+    finally:
+        conn.close()
+
+
+def test_server_page_and_prediction(server, photos):
+    raw, _, labels = photos
+    status, kind, page = request(server, "GET", "/")
+    assert status == 200 and kind.startswith("text/html")
+    assert b"<canvas" in page and b'"model": "bn_gap"' in page and b"/predict" in page
+    status, kind, body = request(server, "POST", "/predict", raw[0])
+    r = json.loads(body)
+    assert status == 200 and kind == "application/json"
+    assert r["prediction"] == int(labels[0]) and len(r["probabilities"]) == 10 and r["model"] == "bn_gap"
+    seen = Image.open(io.BytesIO(base64.b64decode(r["image"].split(",", 1)[1])))
+    assert seen.size == (28, 28) and np.array_equal(np.array(seen), data.to_mnist(data.open_image(raw[0])).numpy())
+
+
+def test_server_refuses_bad_bodies_and_keeps_serving(server):
+    cases = [(b"", 400, "empty"), (b"hello, not an image", 400, "not an image"),
+             (png_bytes(Image.new("L", (64, 64), 255)), 400, "no ink found")]
+    for body, code, words in cases:
+        status, _, reply = request(server, "POST", "/predict", body)
+        assert status == code and words in json.loads(reply)["error"], (status, reply)
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=30)   # 6 MB announced, none sent
+    conn.putrequest("POST", "/predict")
+    conn.putheader("Content-Length", str(6 * 2 ** 20))
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413 and "over 5 MB" in json.loads(r.read())["error"]
+    conn.close()
+    assert request(server, "POST", "/elsewhere", b"x")[0] == 404
+    assert request(server, "GET", "/")[0] == 200
+
+
+# --------------------------------------------------------------------------- the browser
+
+def chromium_binary():
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on --remote-debugging-pipe (fd 3 in,
+    fd 4 out, NUL-separated JSON): no driver or websocket package needed."""
+
+    def __init__(self, binary, profile):
+        def high(fd):   # the child's ends, numbered clear of the 3 and 4 they are moved to
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+            os.close(fd)
+            return moved
+
+        cmd_r, self.cmd_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        cmd_r, out_w = high(cmd_r), high(out_w)
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--hide-scrollbars", "--remote-debugging-pipe", f"--user-data-dir={profile}", "about:blank"]
+        self.proc = subprocess.Popen(["bash", "-c", f'exec "$0" "$@" 3<&{cmd_r} 4>&{out_w}', binary, *flags],
+                                     pass_fds=(cmd_r, out_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for fd in (cmd_r, out_w):
+            os.close(fd)
+        self.buf, self.id, self.session = b"", 0, None
+
+    def send(self, method, timeout=60, **params):
+        self.id += 1
+        msg = {"id": self.id, "method": method, "params": params}
+        if self.session and not method.startswith("Target."):
+            msg["sessionId"] = self.session
+        os.write(self.cmd_w, json.dumps(msg).encode() + b"\0")
+        end = time.monotonic() + timeout
+        while True:
+            while b"\0" not in self.buf:
+                if not select.select([self.out_r], [], [], max(0, end - time.monotonic()))[0]:
+                    raise TimeoutError(f"chromium did not answer {method}")
+                chunk = os.read(self.out_r, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("chromium closed its pipe")
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def js(self, expression):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression, timeout=30):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise TimeoutError(f"the page never made {expression} true")
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.cmd_w)
+        os.close(self.out_r)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    binary = chromium_binary()
+    if not binary:
+        pytest.skip("no chromium binary (Debian: apt-get install chromium; .ci/run installs it)")
+    b = Chromium(binary, tmp_path_factory.mktemp("chromium-profile"))
+    target = b.send("Target.createTarget", url="about:blank")["targetId"]
+    b.session = b.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+    b.send("Emulation.setDeviceMetricsOverride", width=800, height=520, deviceScaleFactor=1, mobile=False)
+    yield b
+    b.close()
+
+
+def test_drawing_page_in_a_real_browser(browser, server, photos, tmp_path):
+    browser.send("Page.navigate", url=f"http://127.0.0.1:{server}/")
+    browser.wait_for("document.readyState === 'complete' && !!document.getElementById('pad')")
+    box = json.loads(browser.js("JSON.stringify(document.getElementById('pad').getBoundingClientRect())"))
+
+    def at(x, y):   # canvas pixels (280 x 280) -> page coordinates
+        return box["left"] + x * box["width"] / 280, box["top"] + y * box["height"] / 280
+
+    def mouse(kind, x, y):
+        px, py = at(x, y)
+        browser.send("Input.dispatchMouseEvent", type=kind, x=px, y=py, button="left",
+                     buttons=0 if kind == "mouseReleased" else 1, clickCount=1)
+
+    stroke = [(75, 60), (205, 60), (120, 235)]   # a 7: the bar, then the long diagonal
+    mouse("mousePressed", *stroke[0])
+    for (x0, y0), (x1, y1) in zip(stroke, stroke[1:]):
+        for t in np.linspace(0, 1, 12)[1:]:
+            mouse("mouseMoved", x0 + t * (x1 - x0), y0 + t * (y1 - y0))
+    mouse("mouseReleased", *stroke[-1])
+    browser.wait_for("document.body.dataset.predictions === '1'")
+    assert browser.js("document.getElementById('digit').textContent") == "7"
+    assert browser.js("document.getElementById('seen').naturalWidth") == 28
+    assert "bn_gap" in browser.js("document.getElementById('model').textContent")
+    shot = tmp_path / "drawn.png"
+    shot.write_bytes(base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"]))
+    assert Image.open(shot).size == (800, 520)
+    browser.js("document.getElementById('clear').click()")
+    assert browser.js("document.getElementById('digit').textContent") == "?"
+
+    raw, _, labels = photos   # the upload button, with a synthetic photo
+    (tmp_path / "photo.jpg").write_bytes(raw[1])
+    root = browser.send("DOM.getDocument")["root"]["nodeId"]
+    node = browser.send("DOM.querySelector", nodeId=root, selector="#upload")["nodeId"]
+    browser.send("DOM.setFileInputFiles", nodeId=node, files=[str(tmp_path / "photo.jpg")])
+    browser.wait_for("document.body.dataset.predictions === '2'")
+    assert browser.js("document.getElementById('digit').textContent") == str(int(labels[1]))
+    (tmp_path / "uploaded.png").write_bytes(base64.b64decode(browser.send("Page.captureScreenshot")["data"]))
+
+
+# ------------------------------------------------------------------------ README picture
+
+def figure(path, mnist_dir=None, n=8):
+    """A few synthetic photos above what the model sees of each (the README's picture)."""
+    from PIL import ImageDraw
+    x, _ = data.load("test", mnist_dir)
+    rng = np.random.default_rng(3)
+    cell, pad = 112, 8
+    sheet = Image.new("RGB", (n * (cell + pad) + pad + 90, 2 * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, pad + cell // 2), "photo", fill="black")
+    draw.text((pad, 2 * pad + cell + cell // 2), "model input", fill="black")
+    for i in range(n):
+        raw = photo(x[i].numpy(), rng)
+        img = data.open_image(raw).convert("RGB")
+        img.thumbnail((cell, cell))
+        left = 90 + pad + i * (cell + pad)
+        sheet.paste(img, (left + (cell - img.width) // 2, pad + (cell - img.height) // 2))
+        seen = Image.fromarray(data.to_mnist(data.open_image(raw)).numpy()).resize((cell, cell), Image.NEAREST)
+        sheet.paste(seen, (left, 2 * pad + cell))
+    common.atomic_write(path, lambda f: sheet.quantize(256).save(f, "PNG", optimize=True))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python tests/test_predict.py OUT.png   (the README's preprocessing picture)")
+    figure(sys.argv[1])
