@@ -336,7 +336,9 @@ def plot_tradeoff(rows, latency_source, seconds_source, path):
                                 color=color)
             ax.set_ylim(min(lows) - pad, max(highs) + pad)
             ax.yaxis.set_major_locator(MaxNLocator(nbins=6 if i == 0 else 2, steps=[1, 2, 5, 10]))
-            ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+            step = ax.yaxis.get_major_locator().tick_values(*ax.get_ylim())
+            decimals = max(1, math.ceil(-math.log10(step[1] - step[0]) - 1e-9))   # 0.05 steps: 2 decimals
+            ax.yaxis.set_major_formatter(FormatStrFormatter(f"%.{decimals}f"))
             if j:
                 ax.tick_params(labelleft=False)
             if i < len(parts) - 1:
