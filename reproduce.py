@@ -414,7 +414,7 @@ def settings(all_runs):
 def time_table(results):
     lines = [f"| recipe | first epoch at >= {TARGET:.1f}%, per seed | training seconds to {TARGET:.1f}%, "
              "mean over seeds (min-max) | the seed's own log: first epoch at >= "
-             f"{TARGET:.1f}% |",
+             f"{TARGET:.1f}% (registry) |",
              "|---|---|---|---|"]
     for name, runs in results.items():
         hits = [time_to(r) for r in runs]
@@ -426,10 +426,14 @@ def time_table(results):
             cell = f"{statistics.mean(secs):.1f}" + (f" ({min(secs):.1f}-{max(secs):.1f})" if len(secs) > 1 else "")
             if len(secs) < len(hits):
                 cell += f"; {len(hits) - len(secs)} of {len(hits)} seeds never"
-        doc_epoch, unlogged = documented_epoch_to(models.RECIPES[name]["documented"]["test_acc_by_epoch"])
+        doc = models.RECIPES[name]["documented"]
+        doc_epoch, unlogged = documented_epoch_to(doc["test_acc_by_epoch"])
         doc_cell = "no per-epoch log" if doc_epoch is None else str(doc_epoch)
         if unlogged:
             doc_cell += f" (epochs {', '.join(map(str, unlogged))} not logged)"
+        if isinstance(doc_epoch, int) and doc["seconds_per_epoch"]:
+            doc_cell += (f"; about {doc_epoch * doc['seconds_per_epoch']:.0f} s at the seed's stated "
+                         f"{doc['seconds_per_epoch']:g} s/epoch")
         lines.append(f"| {name} | {per_seed} | {cell} | {doc_cell} |")
     return lines
 
