@@ -217,7 +217,7 @@ def plot_curves(name, runs, path):
     doc_label = f"seed {doc['seed'][:3]}'s own log, best {doc['best_test_acc']:.2f}% (epoch {doc['best_epoch']})"
     if missing:
         doc_label += f"; epochs {', '.join(map(str, missing))} not logged"
-    ours_label = f"ours: mean of {n} seed{'s' if n > 1 else ''} ({seed_list(runs)})"
+    ours_label = f"ours: mean of {n} seeds ({seed_list(runs)})" if n > 1 else f"ours: seed {runs[0]['seed']}"
     for ax in (full, zoom):
         if n > 1:
             ax.fill_between(epochs, lo, hi, color=OURS, alpha=0.18, linewidth=0, label="ours: min-max over seeds")
