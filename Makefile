@@ -3,7 +3,7 @@ PY := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 MODEL ?= bn_gap
 ARGS ?=
 
-.PHONY: help install test train evaluate export serve bench bench-pytest reproduce gpu-check clean
+.PHONY: help install test train evaluate export serve bench bench-pytest reproduce figures gpu-check clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -34,8 +34,11 @@ bench:  ## quick speed table (gap10k, CPU); FULL=1: every model on every device
 bench-pytest:  ## pytest-benchmark inference micro-benchmarks
 	$(PY) -m pytest tests/benchmarks -p no:cacheprovider --benchmark-autosave $(ARGS)
 
-reproduce:  ## train every recipe over SEEDS seeds, write REPRODUCTION.md
+reproduce:  ## train every recipe over SEEDS seeds, write REPRODUCTION.md, figures/, pretrained/
 	$(PY) reproduce.py $(if $(SEEDS),--seeds $(SEEDS),) $(ARGS)
+
+figures:  ## no training: REPRODUCTION.md, figures/, pretrained/ again from the finished runs
+	$(PY) reproduce.py --no-train $(ARGS)
 
 gpu-check:  ## the prepared GPU run (or its CPU rehearsal): results into OUT (default gpu-check/)
 	bash gpu_check.sh $(or $(OUT),gpu-check)

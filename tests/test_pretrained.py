@@ -12,8 +12,9 @@ import models
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def recorded():
-    text = open(os.path.join(ROOT, "REPRODUCTION.md")).read()
+def recorded(path=os.path.join(ROOT, "REPRODUCTION.md")):
+    """{recipe: (seed 1's best test accuracy, its epoch)} from the table rows of REPRODUCTION.md."""
+    text = open(path, encoding="utf-8").read()
     rows = re.findall(r"^\| (\w+) \| [\d,]+ \| [\d.]+% \(\d+\) \| ([\d.]+)% \((\d+)\) \|", text, re.M)
     return {name: (float(acc), int(epoch)) for name, acc, epoch in rows}
 
