@@ -40,12 +40,13 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "ao
 CODE = {"torchscript", "pt2", "aoti"}
 KIND = {"onnx": "an ONNX file", "torchscript": "a TorchScript file", "pt2": "a torch.export .pt2 file",
         "aoti": "an AOTInductor package"}
-# AOTInductor settings, measured (BENCHMARKS.md): freezing (which acts only under no_grad) swaps
-# aten convolutions for oneDNN ones that are ~2x slower at batch 1 with a dynamic batch;
-# max_autotune and cpp.simdlen changed nothing here. dynamic_threads costs ~7% at batch 1 but makes
-# the package use the thread count of the process that runs it instead of the exporting machine's
-# core count, baked into every parallel loop.
-AOTI_CONFIGS = {"cpp.dynamic_threads": True}
+# AOTInductor settings, measured side by side (BENCHMARKS.md). freezing (which acts only when
+# compiled under no_grad) folds BatchNorm into the conv weights: 4-8% faster at batch 1, but only
+# without cpp.weight_prepack, whose oneDNN convolutions are ~2x slower at batch 1 with a dynamic
+# batch. max_autotune and cpp.simdlen changed nothing here. dynamic_threads costs 0-7% at batch 1
+# but makes the package use the thread count of the process that runs it instead of the exporting
+# machine's core count, baked into every parallel loop otherwise.
+AOTI_CONFIGS = {"freezing": True, "cpp.weight_prepack": False, "cpp.dynamic_threads": True}
 MAX_BATCH = 1 << 20
 
 CLASSES = [str(d) for d in range(10)]
@@ -152,8 +153,10 @@ def write_aoti(module, path, meta, device="cpu"):
     _quiet_inductor()
     program = exported_program(module, device)
     configs = dict(AOTI_CONFIGS, **{"aot_inductor.metadata": dict(meta)})
-    atomic_write(path, lambda f: aoti_compile_and_package(program, package_path=f, inductor_configs=configs),
-                 suffix=".aoti.pt2")
+    def write(f):
+        with torch.no_grad():  # else inductor skips freezing (torch/_inductor/compile_fx.py)
+            aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
+    atomic_write(path, write, suffix=".aoti.pt2")
 
 
 # ----------------------------------------------------------------------------- manifest
