@@ -4,15 +4,18 @@ Formats, one input contract for all (see README):
     input  "image"      float32 [N, 1, 28, 28], pixels in [0, 1] (white digit on black); N dynamic.
                         Normalisation (mean 0.1307, std 0.3081) happens inside.
     output "log_probs"  float32 [N, 10], log-probabilities of the digits 0-9.
-ONNX files are data: ONNX Runtime runs them with its built-in operators only. A TorchScript file
-is a program (loading it can run code it carries), so it is loaded only when its sha256 is in the
-manifest.json that export.py writes beside its outputs, or when the user passes --trust-code.
+ONNX files are data: ONNX Runtime runs them with its built-in operators only. TorchScript, pt2
+(torch.export) and AOTInductor files are programs (loading them can run code they carry: see
+CODE), so they are loaded only when their sha256 is in the manifest.json that export.py writes
+beside its outputs, or when the user passes --trust-code.
 """
 import contextlib
+import copy
 import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 import warnings
@@ -28,8 +31,25 @@ from common import UserError, atomic_write, json_text, read_json_dict, save_text
 # TorchScript is deprecated in favour of torch.export, but it is a format this project ships.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-CODE = {"torchscript"}  # formats whose loading can run code the file carries
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "aoti": ".aoti.pt2"}
+# Formats whose loading can run code the file carries. TorchScript: a scripted __setstate__.
+# pt2: torch.export.load unpickles the archive's sample inputs with torch.load(weights_only=False)
+# when weights_only=True fails (torch/_export/serde/serialize.py deserialize_torch_artifact), and
+# weights, constants and objects the archive marks as pickled likewise (torch/export/pt2_archive/
+# _package.py _load_state_dict, _load_constants); torch's own docstring: "Never load data from an
+# untrusted source". aoti: a shared library that is dlopen'ed.
+CODE = {"torchscript", "pt2", "aoti"}
+KIND = {"onnx": "an ONNX file", "torchscript": "a TorchScript file", "pt2": "a torch.export .pt2 file",
+        "aoti": "an AOTInductor package"}
+# AOTInductor settings, measured side by side (BENCHMARKS.md). freezing (which acts only when
+# compiled under no_grad) folds BatchNorm into the conv weights: 4-8% faster at batch 1, but only
+# without cpp.weight_prepack, whose oneDNN convolutions are ~2x slower at batch 1 with a dynamic
+# batch. max_autotune and cpp.simdlen changed nothing here. dynamic_threads costs 0-7% at batch 1
+# but makes the package use the thread count of the process that runs it instead of the exporting
+# machine's core count, baked into every parallel loop otherwise.
+AOTI_CONFIGS = {"freezing": True, "cpp.weight_prepack": False, "cpp.dynamic_threads": True}
+MAX_BATCH = 1 << 20
+
 CLASSES = [str(d) for d in range(10)]
 MANIFEST = "manifest.json"
 
@@ -76,7 +96,7 @@ def write_onnx(module, path, meta, opset):
     """ONNX at exactly `opset` (torch's exporter may produce another one: that is refused)."""
     import onnx
     example = torch.rand(2, 1, 28, 28)
-    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     with quiet_stderr():  # the exporter logs its fallbacks (tracebacks included) straight to stderr
         program = torch.onnx.export(module, (example,), dynamo=True, input_names=["image"],
                                     output_names=["log_probs"], dynamic_shapes={"image": {0: batch}},
@@ -110,6 +130,52 @@ def write_torchscript(module, path, meta):
     scripted = torch.jit.script(module)
     atomic_write(path, lambda f: torch.jit.save(scripted, f, _extra_files={"metadata.json": json.dumps(meta)}),
                  suffix=".torchscript.pt")
+
+
+def exported_program(module, device="cpu"):
+    """torch.export of `module` with a dynamic batch (1 .. MAX_BATCH): the same graph for pt2 and aoti.
+    The example batch is 2 so that no size is specialised to 1."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    if str(device) != "cpu":
+        module = copy.deepcopy(module).to(device)  # the caller's module stays where it is
+    return torch.export.export(module, (torch.rand(2, 1, 28, 28, device=device),),
+                               dynamic_shapes={"image": {0: batch}})
+
+
+def write_pt2(module, path, meta):
+    program = exported_program(module)
+    atomic_write(path, lambda f: torch.export.save(program, f, extra_files={"metadata.json": json.dumps(meta)}),
+                 suffix=".pt2")
+
+
+def _quiet_inductor():
+    """torch's CUDA wheel warns 'No CUDA runtime is found' when AOTInductor starts on a CPU-only
+    machine: true and beside the point for a CPU package."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def check_cxx():
+    """AOTInductor compiles C++ at export time: one clear line, before any work, if no compiler works."""
+    from torch._inductor import config, cpp_builder, exc
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        tried = ", ".join(c for c in config.cpp.cxx if c)
+        raise UserError(f"--format aoti needs a C++ compiler at export time (AOTInductor builds a shared library) "
+                        f"and none works here (tried: {tried}); install g++ or set CXX to one") from None
+
+
+def write_aoti(module, path, meta, device="cpu"):
+    """An AOTInductor package compiled for `device` (cpu or cuda), metadata inside it."""
+    check_cxx()
+    from torch._inductor import aoti_compile_and_package
+    _quiet_inductor()
+    program = exported_program(module, device)
+    configs = dict(AOTI_CONFIGS, **{"aot_inductor.metadata": dict(meta)})
+    def write(f):
+        with torch.no_grad():  # else inductor skips freezing (torch/_inductor/compile_fx.py)
+            aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
+    atomic_write(path, write, suffix=".aoti.pt2")
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -164,7 +230,7 @@ def check_trusted(path, trust_code, blob=None):
     entry = read_manifest(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path))
     why = "its sha256 differs from the one in" if isinstance(entry, dict) else "it is not listed in"
     if not (isinstance(entry, dict) and entry.get("sha256") == sha256(blob)):
-        raise UserError(f"refusing {path}: a {fmt} file is a program that can run code when loaded, and {why} "
+        raise UserError(f"refusing {path}: {KIND[fmt]} is a program that can run code when loaded, and {why} "
                         f"the {MANIFEST} export.py wrote beside it; pass --trust-code if you trust where it came from")
 
 
@@ -220,14 +286,7 @@ def load(path, trust_code=False, threads=None):
             with open(path, "rb") as f:
                 blob = f.read()
             check_trusted(path, trust_code, blob)  # nothing of the file runs before this
-            extra = {"metadata.json": ""}
-            module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra).eval()
-            meta = json.loads(extra["metadata.json"] or "{}")
-
-            def raw(x):
-                with torch.no_grad():
-                    out = module(torch.from_numpy(x))
-                return out.numpy() if isinstance(out, torch.Tensor) else out
+            raw, meta = _load_torch(fmt, path, blob)  # from the bytes hashed, not from the path again
     except UserError:
         raise
     except Exception as e:
@@ -244,6 +303,40 @@ def load(path, trust_code=False, threads=None):
         return out
     run.metadata = meta if isinstance(meta, dict) else {}
     return run
+
+
+def _load_torch(fmt, path, blob):
+    """(raw run function, metadata) of a TorchScript, pt2 or AOTInductor file's bytes."""
+    device = "cpu"
+    if fmt == "torchscript":
+        extra = {"metadata.json": ""}
+        module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra).eval()
+        meta = json.loads(extra["metadata.json"] or "{}")
+    elif fmt == "pt2":
+        extra = {"metadata.json": ""}
+        module = torch.export.load(io.BytesIO(blob), extra_files=extra).module()
+        meta = json.loads(extra["metadata.json"] or "{}")
+    else:
+        from torch._inductor import aoti_load_package
+        _quiet_inductor()
+        module = aoti_load_package(io.BytesIO(blob))  # its loader copies it to a temp file
+        meta = module.get_metadata()
+        device = meta.get("AOTI_DEVICE_KEY", "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"{path} is an AOTInductor package compiled for CUDA, and this machine has no CUDA device")
+
+    def raw(x):
+        if fmt == "aoti":
+            # compiled code: it trusts its caller on dtype, shape and memory layout, and computes garbage
+            # from a float64, a [N, 1, 28, 27] or a strided input (unless AOTI_RUNTIME_CHECK_INPUTS=1)
+            if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4 and x.shape[1:] == (1, 28, 28)):
+                got = f"{x.dtype} {list(x.shape)}" if isinstance(x, np.ndarray) else type(x).__name__
+                raise UserError(f"it was given {got}")
+            x = np.ascontiguousarray(x)
+        with torch.no_grad():
+            out = module(torch.from_numpy(x).to(device))
+        return out.cpu().numpy() if isinstance(out, torch.Tensor) else out
+    return raw, meta
 
 
 def read_metadata(path, trust_code=False):

@@ -9,9 +9,11 @@ train  images/s at the recipe's batch size with its augmentation, for the seed-s
        pipeline in each variant that applies on the device (channels_last, bfloat16 amp, fast
        dropout on CPU, torch.compile, CUDA graphs on CUDA); the best variant is the fast-pipeline
        figure, the others are reported beside it. On CUDA and MPS a repeat is a whole epoch.
-infer  batch-1 p50/p99 latency and batch-1024 images/s for eager, TorchScript, ONNX Runtime and
-       torch.compile (with CUDA graphs on CUDA), on CPU with 1 thread and with all cores; on CUDA
-       timed with CUDA events after a synchronisation.
+infer  batch-1 p50/p99 latency and batch-1024 images/s for eager, TorchScript, ONNX Runtime,
+       torch.compile (with CUDA graphs on CUDA), torch.export (.pt2, its module()) and AOTInductor
+       (a package compiled for the device), on CPU with 1 thread and with all cores; on CUDA timed
+       with CUDA events after a synchronisation. Also the load time and size of the file each
+       backend runs from (checkpoint, .torchscript.pt, .onnx, .pt2, .aoti.pt2).
 Every figure is the median of several timed repeats after a warm-up. A variant or backend that
 fails is listed under "not measured" with its error; the rest of the table still comes out.
 """
@@ -35,7 +37,7 @@ import data
 import models
 import train
 from common import (check_at_least, check_out_file, device_name, devices_present, get_device, git_commit,
-                    one_line_errors, save_json)
+                    load_checkpoint, one_line_errors, save_checkpoint, save_json)
 
 NOISY = 0.2  # a figure whose timed repeats spread by more than this share of their median is flagged
 
@@ -156,27 +158,62 @@ def one_line(e):
 
 # --------------------------------------------------------------------------- inference
 
-BACKENDS = ["eager", "torchscript", "compile", "onnxruntime"]
+BACKENDS = ["eager", "torchscript", "compile", "onnxruntime", "pt2", "aoti"]
+LOADS = 3  # timed loads of each backend's file, after one warm-up load
 
 
-def inference_backends(name, device, tmp, wanted):
+def file_figures(path, load):
+    """(what the last load returned, {load_ms, file_bytes}): load_ms is the median of LOADS loads after a
+    warm-up one, in a process that has imported everything already (a fresh process pays imports too)."""
+    times = []
+    for _ in range(LOADS + 1):
+        t = time.perf_counter()
+        got = load(path)
+        times.append(time.perf_counter() - t)
+    return got, dict(load_ms=round(statistics.median(times[1:]) * 1000, 3), file_bytes=os.path.getsize(path))
+
+
+def inference_backends(name, device, tmp, wanted, progress=lambda what: None):
     """(backend -> function of a float32 [N, 1, 28, 28] [0, 1] tensor on `device` (onnxruntime: the .onnx
-    path; a session is made per thread count in bench_infer), the ONNX Runtime provider, skipped)."""
+    path; a session is made per thread count in bench_infer), the ONNX Runtime provider,
+    backend -> {load_ms, file_bytes} of the file a user would ship for it, skipped).
+    Every backend that has a file runs what was loaded back from that file: eager a checkpoint,
+    torchscript a .torchscript.pt (then frozen), onnxruntime a .onnx, pt2 a torch.export .pt2,
+    aoti an AOTInductor package compiled for `device`."""
+    from torch._inductor import aoti_load_package
     model = models.build_model(name).eval()
-    out, skipped = {}, []
+    ckpt = dict(model_name=name, model=model.state_dict(), test_acc=0.0, epoch=0)
+    meta = artifacts.metadata(ckpt)
+    cpu_module = artifacts.Exportable(model).eval()
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
-    if "onnxruntime" in wanted:  # exported from the CPU model, before it moves to `device`
+
+    def ort_load(path):
         import onnxruntime as ort
+        if provider not in ort.get_available_providers():
+            raise RuntimeError(f"{provider} is not in this onnxruntime build (pip install onnxruntime-gpu for CUDA)")
+        artifacts.ort_session(path, None, provider)
+        return path
+
+    # backend: (file suffix, write it, load it back); all written from the CPU model, before it moves
+    files = dict(
+        eager=(".pt", lambda p: save_checkpoint(ckpt, p), lambda p: models.from_checkpoint(load_checkpoint(p))),
+        torchscript=(".torchscript.pt", lambda p: artifacts.write_torchscript(cpu_module, p, meta),
+                     lambda p: torch.jit.load(p, map_location=device).eval()),
+        onnxruntime=(".onnx", lambda p: artifacts.write_onnx(cpu_module, p, meta, 18), ort_load),
+        pt2=(".pt2", lambda p: artifacts.write_pt2(cpu_module, p, meta), lambda p: torch.export.load(p).module()),
+        aoti=(".aoti.pt2", lambda p: artifacts.write_aoti(cpu_module, p, meta, device.type), aoti_load_package),
+    )
+    loaded, figures, skipped = {}, {}, []
+    for backend in [b for b in wanted if b in files]:
+        suffix, write, load = files[backend]
+        path = os.path.join(tmp, name + suffix)
         try:
-            if provider not in ort.get_available_providers():
-                raise RuntimeError(f"{provider} is not in this onnxruntime build "
-                                   f"(pip install onnxruntime-gpu for CUDA)")
-            onnx_path = os.path.join(tmp, name + ".onnx")
-            ckpt = dict(model_name=name, model=model.state_dict(), test_acc=0.0, epoch=0)
-            artifacts.write_onnx(artifacts.Exportable(model).eval(), onnx_path, artifacts.metadata(ckpt), 18)
-            out["onnxruntime"] = onnx_path
+            if backend == "aoti":
+                progress(f"infer {name} {device.type} aoti: compiling the package (a minute on 2 cores)")
+            write(path)
+            loaded[backend], figures[backend] = file_figures(path, load)
         except Exception as e:
-            skipped.append(f"infer {name} {device.type} onnxruntime: {one_line(e)}")
+            skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
     module = artifacts.Exportable(model).eval().to(device)
 
     def no_grad(fn):
@@ -185,25 +222,37 @@ def inference_backends(name, device, tmp, wanted):
                 return fn(x)
         return run
 
-    makers = dict(eager=lambda: module,
-                  torchscript=lambda: torch.jit.freeze(torch.jit.script(module)),
-                  compile=lambda: models.compile_model(module))  # CUDA graphs on CUDA: batch 1 is launch-bound
-    for backend in [b for b in wanted if b in makers]:
+    makers = dict(eager=lambda: no_grad(module),
+                  torchscript=lambda: no_grad(torch.jit.freeze(loaded["torchscript"])),
+                  compile=lambda: no_grad(models.compile_model(module)),  # CUDA graphs on CUDA: launch-bound batch 1
+                  onnxruntime=lambda: loaded["onnxruntime"],
+                  pt2=lambda: no_grad(loaded["pt2"].to(device)),
+                  aoti=lambda: no_grad(loaded["aoti"]))
+    out = {}
+    for backend in wanted:
+        if backend in files and backend not in loaded and backend != "eager":
+            continue  # its file failed: already in skipped
         try:
-            out[backend] = no_grad(makers[backend]())
+            out[backend] = makers[backend]()
         except Exception as e:
             skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
-    return {b: out[b] for b in wanted if b in out}, provider, skipped
+    return out, provider, figures, skipped
+
+
+def where(backend, device):
+    """On MPS, onnxruntime runs on the CPU (it has no MPS provider): its records say so."""
+    return "cpu" if backend == "onnxruntime" and device.type == "mps" else device.type
 
 
 def bench_infer(name, device, threads_list, repeats, calls, wanted, progress):
-    """(records, skipped) of batch-1 latency and batch-1024 throughput for each backend and thread count."""
+    """(records, skipped) of batch-1 latency and batch-1024 throughput for each backend and thread count,
+    and load time and file size for each backend that has a file."""
     records = []
     timer = Timer(device)
     x1 = torch.rand(1, 1, 28, 28, device=device)
     xb = torch.rand(BATCH_INFER, 1, 28, 28, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        backends, provider, skipped = inference_backends(name, device, tmp, wanted)
+        backends, provider, figures, skipped = inference_backends(name, device, tmp, wanted, progress)
         todo = [(t, b) for t in threads_list for b in backends]
         for i, (threads, backend) in enumerate(todo, 1):
             progress(f"infer {name} {device.type} {backend}, threads {threads or '-'} ({i} of {len(todo)})")
@@ -217,6 +266,11 @@ def bench_infer(name, device, threads_list, repeats, calls, wanted, progress):
                     skipped.append(f"infer {name} {device.type} {backend}: {got[0]['note']}")
             except Exception as e:
                 skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
+    for backend, f in figures.items():
+        base = dict(task="infer", model=name, device=where(backend, device), backend=backend, threads=None,
+                    batch_size=None)
+        records += [dict(base, metric="load_ms", value=f["load_ms"], unit="ms"),
+                    dict(base, metric="file_bytes", value=f["file_bytes"], unit="bytes")]
     return records, skipped
 
 
@@ -247,9 +301,7 @@ def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, re
     runb()
     lat = sorted(timer(run1) * 1000 for _ in range(calls))
     rates = [BATCH_INFER / timer(runb) for _ in range(repeats)]
-    # on MPS, onnxruntime runs on the CPU (it has no MPS provider): label it so
-    where = "cpu" if backend == "onnxruntime" and device.type == "mps" else device.type
-    base = dict(task="infer", model=name, device=where, backend=backend, threads=threads)
+    base = dict(task="infer", model=name, device=where(backend, device), backend=backend, threads=threads)
     if backend == "compile" and device.type == "cuda" and counters["inductor"]["cudagraph_skips"] > graph_skips:
         base["note"] = "inductor skipped CUDA graphs (see its warning): this is torch.compile alone"
     return [dict(base, batch_size=1, metric="p50_ms", value=round(lat[len(lat) // 2], 4), unit="ms"),
@@ -290,10 +342,15 @@ def markdown(records):
         which = f" ({best['variant']})" if best else ""
         lines.append(f"| {m} | {d} | {cell(seed)} | {cell(best)}{which} | {ratio} | "
                      f"{epoch(seed)} / {epoch(best)} | {others} |")
-    lines += ["", "### Inference (batch 1 latency in ms, batch 1024 throughput)", "",
-              "| model | device | threads | backend | p50 ms | p99 ms | images/s @1024 | p50 vs eager |",
-              "|---|---|---|---|---|---|---|---|"]
-    inf = [r for r in records if r["task"] == "infer"]
+    lines += ["", "### Inference (batch 1 latency in ms, batch 1024 throughput; load time and size of the file "
+              "each backend runs from)", "",
+              "| model | device | threads | backend | p50 ms | p99 ms | images/s @1024 | p50 vs eager | load ms | file |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    inf = [r for r in records if r["task"] == "infer" and r["metric"] in ("p50_ms", "p99_ms", "images_per_s")]
+    files = {}
+    for r in records:
+        if r["task"] == "infer" and r["metric"] in ("load_ms", "file_bytes"):
+            files.setdefault((r["model"], r["device"], r["backend"]), {})[r["metric"]] = r["value"]
     for key in dict.fromkeys((r["model"], r["device"], r["threads"], r["backend"]) for r in inf):
         get = {r["metric"]: r["value"] for r in inf if (r["model"], r["device"], r["threads"], r["backend"]) == key}
         noisy = "~" * any(r.get("spread", 0) > NOISY for r in inf
@@ -301,9 +358,16 @@ def markdown(records):
         eager = next((r["value"] for r in inf if (r["model"], r["device"], r["threads"]) == key[:3]
                       and r["backend"] == "eager" and r["metric"] == "p50_ms"), None)
         vs = f"{eager / get['p50_ms']:.1f}x" if eager else "-"
+        f = files.get((key[0], key[1], key[3]), {})
+        load = f"{f['load_ms']:.1f}" if "load_ms" in f else "-"
+        size = file_size(f["file_bytes"]) if "file_bytes" in f else "-"
         lines.append(f"| {key[0]} | {key[1]} | {key[2] or '-'} | {key[3]} | {get['p50_ms']:.3f} | {get['p99_ms']:.3f} | "
-                     f"{noisy}{get['images_per_s']:,.0f} | {vs} |")
+                     f"{noisy}{get['images_per_s']:,.0f} | {vs} | {load} | {size} |")
     return "\n".join(lines)
+
+
+def file_size(n):
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 def load_average():

@@ -3,6 +3,7 @@
     python evaluate.py --model gap10k                     # best.pt of runs/gap10k/latest
     python evaluate.py --checkpoint pretrained/bn_fc.pt
     python evaluate.py --artifact exports/bn_gap.onnx     # judged on the same footing
+    python evaluate.py --artifact exports/bn_gap.aoti.pt2 # .torchscript.pt, .pt2 and .aoti.pt2 alike
 
 Prints a classification report and per-class accuracy; writes report.json, confusion.png,
 mistakes.png, curves.png (for a run folder) and one self-contained report.html into --out
@@ -249,12 +250,13 @@ def main(argv=None):
                    "pretrained/<model>.pt (default: bn_gap)")
     p.add_argument("--checkpoint", help="a checkpoint written by train.py (instead of --model's)")
     p.add_argument("--artifact", help=f"a file written by export.py ({', '.join(artifacts.FORMATS.values())})")
-    p.add_argument("--trust-code", action="store_true", help="load a code-bearing --artifact (TorchScript) even "
-                   "when the manifest.json beside it does not vouch for it")
+    p.add_argument("--trust-code", action="store_true", help="load a code-bearing --artifact (TorchScript, .pt2, "
+                   ".aoti.pt2) even when the manifest.json beside it does not vouch for it")
     p.add_argument("--out", help="output folder (default: the checkpoint's run folder, else <file>-eval/)")
     p.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, then ./data)")
     p.add_argument("--device", default="auto", help="auto (default: CUDA, then MPS, then CPU), cpu, cuda or mps; "
-                   "checkpoints only (exported files run on the CPU)")
+                   "checkpoints only (exported files run on the CPU, an AOTInductor package on the device it was "
+                   "compiled for)")
     args = p.parse_args(argv)
     with one_line_errors("interrupted: the previous report files, if any, are unchanged"):
         models.get_recipe(args.model)

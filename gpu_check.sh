@@ -34,13 +34,17 @@ if torch.cuda.is_available():
 
 # the device-aware tests (parametrised by device: CPU always, CUDA where present), then the rest of the
 # suite's CUDA-sensitive files; warnings from deterministic-algorithm checks are kept in the log
-step tests-devices 120 $PY -m pytest -p no:cacheprovider -q -rw tests/test_devices.py tests/test_export.py
+step tests-devices 180 $PY -m pytest -p no:cacheprovider -q -rw tests/test_devices.py tests/test_export.py
 
 # bench: full on CUDA (whole epochs, CUDA graphs, ORT with IO binding where onnxruntime-gpu is present)
 if [ -n "$SMALL" ]; then
   step bench 240 $PY bench.py --device cpu --model gap10k --steps 3 --repeats 1 --calls 5 --json "$OUT/bench.json"
 else
-  step bench 150 $PY bench.py --device cuda --json "$OUT/bench.json"
+  step bench 150 $PY bench.py --device cuda --backend eager torchscript compile onnxruntime pt2 \
+    --json "$OUT/bench.json"
+  # AOTInductor compiles one package per model (about a minute): gap10k only, beside eager and ORT
+  step bench-aoti 150 $PY bench.py --device cuda --model gap10k --task infer --backend eager onnxruntime aoti \
+    --json "$OUT/bench-aoti.json"
 fi
 
 # one full gap10k run on the device: the "< 1 s per epoch" target, then export parity from a CUDA checkpoint
@@ -48,7 +52,8 @@ if [ -n "$SMALL" ]; then EP="--epochs 1 --subset 2048"; else EP=""; fi
 step train-gap10k 60 $PY train.py --model gap10k --device $DEV --no-progress --out "$OUT/gap10k" $EP
 step train-gap10k-fast 60 $PY train.py --model gap10k --device $DEV --no-progress --out "$OUT/gap10k-fast" \
   --amp --compile $EP
-step export 60 $PY export.py --checkpoint "$OUT/gap10k/best.pt" --format all --out "$OUT/exports"
+# --format all: ONNX, TorchScript, .pt2 and an AOTInductor package compiled for the device (a minute)
+step export 150 $PY export.py --checkpoint "$OUT/gap10k/best.pt" --format all --out "$OUT/exports"
 
 # as time allows: one seed of every recipe (reproduce.py skips finished runs, so a rerun goes on)
 if [ -n "$SMALL" ]; then

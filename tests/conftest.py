@@ -40,3 +40,17 @@ def trained(tmp_path_factory, mnist_dir):
     train.run(train.parse_args(["--model", "bn_fc", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "4096",
                                 "--epochs", "1", "--no-progress", "--out", str(out)]))
     return out
+
+
+@pytest.fixture(scope="session")
+def exports(trained, mnist_dir, tmp_path_factory):
+    """Every format export.py writes, of the `trained` checkpoint, each verified by export.export on
+    the whole test set; done once per session (the AOTInductor compile takes about a minute on 2 cores).
+    Returns (folder, checkpoint, {format: (path, figures)}); tests copy files out, never change them."""
+    import artifacts
+    import common
+    import export
+    out = tmp_path_factory.mktemp("exports")
+    ckpt = common.load_checkpoint(str(trained / "best.pt"))
+    figures = {fmt: export.export(ckpt, fmt, str(out), 18, mnist_dir, 1e-4) for fmt in artifacts.FORMATS}
+    return out, ckpt, figures

@@ -17,7 +17,7 @@ TINY = ["--model", "gap10k", "--device", "cpu", "--steps", "2", "--repeats", "1"
 def test_bench_writes_every_record_it_promises(tmp_path, mnist_dir, capsys):
     out = tmp_path / "bench.json"
     bench.main(TINY + ["--data-dir", mnist_dir, "--variant", "eager", "amp", "--backend", "eager", "onnxruntime",
-                       "--json", str(out)])
+                       "pt2", "--json", str(out)])
     got = json.loads(out.read_text())
     env = got["environment"]
     for key in ("cpu", "cores", "threads", "gpu", "python", "torch", "torchvision", "onnxruntime", "git_commit", "date"):
@@ -29,13 +29,16 @@ def test_bench_writes_every_record_it_promises(tmp_path, mnist_dir, capsys):
     assert sum(r.get("best", False) for r in recs) == 1
     infer = {(r["backend"], r["threads"], r["batch_size"], r["metric"]) for r in recs if r["task"] == "infer"}
     threads = sorted({1, torch.get_num_threads()})
-    assert infer == {(b, t, bs, m) for b in ("eager", "onnxruntime") for t in threads
-                     for bs, m in ((1, "p50_ms"), (1, "p99_ms"), (1024, "images_per_s"))}
+    backends = ("eager", "onnxruntime", "pt2")
+    assert infer == {(b, t, bs, m) for b in backends for t in threads
+                     for bs, m in ((1, "p50_ms"), (1, "p99_ms"), (1024, "images_per_s"))} | \
+        {(b, None, None, m) for b in backends for m in ("load_ms", "file_bytes")}  # of the file each runs from
     assert all(r["value"] > 0 for r in recs)
     p = {r["metric"]: r["value"] for r in recs if r["backend"] == "eager" and r["threads"] == 1}
     assert p["p50_ms"] <= p["p99_ms"]
     table = capsys.readouterr().out
     assert "| gap10k | cpu |" in table and "onnxruntime" in table and env["skipped"] == []
+    assert "| load ms | file |" in table and " kB |" in table
 
 
 def test_a_failing_variant_is_reported_not_fatal(tmp_path, mnist_dir, capsys, monkeypatch):
@@ -126,3 +129,21 @@ def test_onnxruntime_on_cuda_keeps_data_on_the_gpu():
     run1()
     assert calls[0] == ("in", ("image", "cuda", 0, np.float32, [1, 1, 28, 28], x1.data_ptr()))
     assert calls[1][0] == "out" and calls[1][1][:2] == ("log_probs", "cuda") and calls[-1] == ("run",)
+
+
+def test_aoti_backend_times_a_package_and_reports_its_file(tmp_path, mnist_dir, exports, monkeypatch):
+    """The aoti backend runs what aoti_load_package gives back and reports the package's size; the
+    session's bn_fc package stands in for a second minute-long compile (bench never compares outputs)."""
+    import shutil
+
+    import artifacts
+    package = exports[0] / "bn_fc.aoti.pt2"
+    monkeypatch.setattr(artifacts, "write_aoti", lambda module, path, meta, device="cpu": shutil.copy(package, path))
+    out = tmp_path / "bench.json"
+    bench.main(TINY[:1] + ["bn_fc"] + TINY[2:] + ["--data-dir", mnist_dir, "--task", "infer", "--backend", "aoti",
+                                                  "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert got["environment"]["skipped"] == []
+    metrics = {(r["threads"], r["metric"]): r["value"] for r in got["records"] if r["backend"] == "aoti"}
+    assert metrics[(None, "file_bytes")] == package.stat().st_size and metrics[(None, "load_ms")] > 0
+    assert metrics[(1, "p50_ms")] > 0 and metrics[(1, "images_per_s")] > 0

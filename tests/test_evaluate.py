@@ -3,9 +3,7 @@ import json
 import pytest
 import torch
 
-import common
 import evaluate
-import export
 
 
 def test_report_numbers_on_a_hand_checked_case():
@@ -37,9 +35,10 @@ def test_checkpoint_report_matches_training_and_html_embeds_images(trained, mnis
         assert (trained / name).stat().st_size > 0
 
 
-def test_artifact_scores_like_its_checkpoint(trained, mnist_dir, tmp_path):
-    ckpt = common.load_checkpoint(str(trained / "best.pt"))
-    path, _ = export.export(ckpt, "torchscript", str(tmp_path), 18, mnist_dir, 1e-4)
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2", "aoti"])
+def test_artifact_scores_like_its_checkpoint(fmt, exports, mnist_dir, tmp_path):
+    _, ckpt, figures = exports  # exported once per session, each verified (conftest.py)
+    path = figures[fmt][0]
     r = evaluate.evaluate(path, "artifact", str(tmp_path / "eval"), mnist_dir, torch.device("cpu"))
     assert r["accuracy"] == ckpt["test_acc"] and r["model"] == "bn_fc"
     assert "data:image/png;base64," in (tmp_path / "eval" / "report.html").read_text()

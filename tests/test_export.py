@@ -1,6 +1,11 @@
 import hashlib
+import io
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 
 import numpy as np
 import onnx
@@ -11,28 +16,38 @@ import torch
 import artifacts
 import common
 import data
+import evaluate
 import export
 import models
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 @pytest.fixture(scope="module")
-def exported(trained, mnist_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exports")
-    ckpt = common.load_checkpoint(str(trained / "best.pt"))
-    figures = {fmt: export.export(ckpt, fmt, str(out), 18, mnist_dir, 1e-4) for fmt in ("onnx", "torchscript")}
-    return out, ckpt, figures
+def exported(exports):
+    return exports
 
 
-def test_both_formats_verified(exported):
+def test_every_format_verified(exported):
     out, ckpt, figures = exported
+    assert set(figures) == {"onnx", "torchscript", "pt2", "aoti"}
     for fmt, (path, f) in figures.items():
         assert f["ok"] and f["same_predictions"] == 10000 and f["max_abs_diff"] <= 1e-4
-        assert f["accuracy"] == ckpt["test_acc"]
-    assert sorted(p.name for p in out.iterdir()) == ["bn_fc.onnx", "bn_fc.torchscript.pt", "manifest.json"]
+        assert f["batch1_max_abs_diff"] <= 1e-4 and f["accuracy"] == ckpt["test_acc"]
+    assert sorted(p.name for p in out.iterdir()) == ["bn_fc.aoti.pt2", "bn_fc.onnx", "bn_fc.pt2",
+                                                     "bn_fc.torchscript.pt", "manifest.json"]
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     for fmt, (path, f) in figures.items():
         entry = manifest[os.path.basename(path)]
         assert entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest() and entry["format"] == fmt
+    assert manifest["bn_fc.aoti.pt2"]["device"] == "cpu"
+    assert manifest["bn_fc.aoti.pt2"]["inductor_configs"] == artifacts.AOTI_CONFIGS
+
+
+def test_format_of_tells_aoti_from_pt2():
+    assert artifacts.format_of("x/m.aoti.pt2") == "aoti" and artifacts.format_of("x/m.pt2") == "pt2"
+    assert artifacts.format_of("m.torchscript.pt") == "torchscript"
+    assert artifacts.CODE == {"torchscript", "pt2", "aoti"}
 
 
 def test_onnx_metadata_and_contract(exported):
@@ -45,7 +60,39 @@ def test_onnx_metadata_and_contract(exported):
     assert meta["test_acc"] == f"{ckpt['test_acc']:.2f}" and meta["torch_version"] == torch.__version__
     assert "0.1307" in meta["input"] and json.loads(meta["recipe"])["optimizer"][0] == "Adagrad"
     assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["log_probs"]
-    assert artifacts.read_metadata(str(out / "bn_fc.torchscript.pt"))["model"] == "bn_fc"
+    for name in ("bn_fc.torchscript.pt", "bn_fc.pt2", "bn_fc.aoti.pt2"):
+        got = artifacts.read_metadata(str(out / name))  # vouched for by the manifest: no --trust-code needed
+        assert {k: got[k] for k in meta} == meta, name
+    assert artifacts.read_metadata(str(out / "bn_fc.aoti.pt2"))["AOTI_DEVICE_KEY"] == "cpu"
+
+
+def test_pt2_and_aoti_run_with_torch_alone(exported, mnist_dir):
+    """Independent of export.verify and artifacts.load: torch's own loaders, dynamic batch sizes 1, 7, 1000."""
+    from torch._inductor import aoti_load_package
+    out, ckpt, _ = exported
+    x, _ = data.load("test", mnist_dir)
+    ref = models.predict(models.from_checkpoint(ckpt), x[:1000])
+    x01 = x[:1000].unsqueeze(1).float() / 255
+    for run in (torch.export.load(str(out / "bn_fc.pt2")).module(), aoti_load_package(str(out / "bn_fc.aoti.pt2"))):
+        with torch.no_grad():
+            for n in (1, 7, 1000):
+                got = run(x01[:n])
+                assert got.shape == (n, 10) and got.dtype == torch.float32
+                assert (got - ref[:n]).abs().max() < 1e-4 and (got.argmax(1) == ref[:n].argmax(1)).all()
+
+
+def test_aoti_input_is_checked(exported):
+    """Compiled code trusts its caller: fed a float64 or a 28x27 image it computes garbage without a
+    word, so artifacts.load checks the input contract for it, and makes strided input contiguous."""
+    out, _, _ = exported
+    run = artifacts.load(str(out / "bn_fc.aoti.pt2"))
+    x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    for bad in (x.astype(np.float64), x[..., :27], x[:, 0]):
+        with pytest.raises(common.UserError, match=r"cannot run .*it was given"):
+            run(bad)
+    wide = np.zeros((4, 1, 28, 56), np.float32)
+    wide[..., ::2] = x
+    assert np.allclose(run(wide[..., ::2]), run(x), atol=1e-6)
 
 
 def test_onnxruntime_predicts_like_the_checkpoint(exported, mnist_dir):
@@ -62,11 +109,83 @@ def test_onnxruntime_predicts_like_the_checkpoint(exported, mnist_dir):
     assert one.shape == (1, 10) and np.abs(one - ref[:1].numpy()).max() < 1e-4
 
 
-def test_mismatch_fails_and_leaves_nothing(trained, mnist_dir, tmp_path):
-    ckpt = common.load_checkpoint(str(trained / "best.pt"))
+@pytest.mark.parametrize("fmt", ["onnx", "pt2", "aoti"])
+def test_mismatch_fails_and_leaves_nothing(fmt, exported, mnist_dir, tmp_path, monkeypatch):
+    out, ckpt, _ = exported
+    if fmt == "aoti":  # the session's package stands in for a second minute-long compile
+        monkeypatch.setattr(artifacts, "write_aoti", lambda module, path, meta, device="cpu":
+                            shutil.copy(out / "bn_fc.aoti.pt2", path))
     with pytest.raises(common.UserError, match="does not match PyTorch"):
-        export.export(ckpt, "onnx", str(tmp_path), 18, mnist_dir, tolerance=-1.0)
+        export.export(ckpt, fmt, str(tmp_path), 18, mnist_dir, tolerance=-1.0)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["bn_fc.torchscript.pt", "bn_fc.pt2", "bn_fc.aoti.pt2"])
+def test_code_needs_the_manifest_or_trust_code(name, exported, tmp_path):
+    out, _, _ = exported
+    shutil.copy(out / name, tmp_path / name)
+    with pytest.raises(common.UserError, match="not listed in the manifest.json"):
+        artifacts.load(str(tmp_path / name))
+    assert artifacts.load(str(tmp_path / name), trust_code=True).metadata["model"] == "bn_fc"
+    artifacts.manifest_add(str(tmp_path / name), {})
+    artifacts.load(str(tmp_path / name))  # vouched for now
+    with open(tmp_path / name, "ab") as f:
+        f.write(b"\0")  # any change to the bytes
+    with pytest.raises(common.UserError, match="sha256 differs"):
+        artifacts.load(str(tmp_path / name))
+
+
+def test_evaluate_refuses_an_unvouched_package_in_one_line(exported, tmp_path, mnist_dir):
+    out, _, _ = exported
+    shutil.copy(out / "bn_fc.aoti.pt2", tmp_path / "bn_fc.aoti.pt2")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--artifact", str(tmp_path / "bn_fc.aoti.pt2"), "--data-dir", mnist_dir])
+    assert str(e.value.code).startswith("error: refusing") and "\n" not in str(e.value.code)
+    assert "AOTInductor package is a program" in str(e.value.code)
+
+
+def test_a_pt2_file_is_code(exported, tmp_path):
+    """Why .pt2 follows the trust rule: torch.export.load unpickles the archive's sample inputs with
+    torch.load(weights_only=False) once weights_only=True fails. A .pt2 whose sample inputs are a
+    hostile pickle runs it on load, so without the manifest or --trust-code nothing of it is read."""
+    out, _, _ = exported
+    marker = tmp_path / "ran"
+
+    class Hostile:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    payload = io.BytesIO()
+    torch.save((Hostile(), {}), payload)
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(out / "bn_fc.pt2") as zin, zipfile.ZipFile(evil, "w") as zout:
+        names = [i.filename for i in zin.infolist()]
+        assert any(n.endswith("data/sample_inputs/model.pt") for n in names)
+        for info in zin.infolist():
+            blob = zin.read(info.filename)
+            zout.writestr(info, payload.getvalue() if info.filename.endswith("data/sample_inputs/model.pt") else blob)
+    with pytest.raises(common.UserError, match="not listed"):
+        artifacts.load(str(evil))
+    assert not marker.exists()
+    try:
+        artifacts.load(str(evil), trust_code=True)  # the user's word: now it is loaded, and the pickle runs
+    except common.UserError:
+        pass
+    assert marker.exists()
+
+
+def test_missing_compiler_is_one_line_and_writes_nothing(trained, mnist_dir, tmp_path):
+    """No C++ compiler (none on PATH, CXX pointing nowhere): --format all stops before the first
+    export with one line, not after three formats and a minute of inductor tracebacks."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    env = dict(os.environ, PATH=str(empty), CXX=str(empty / "g++"), MNIST_DIR=mnist_dir)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "export.py"), "--checkpoint", str(trained / "best.pt"),
+                        "--format", "all", "--out", str(tmp_path / "x")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --format aoti needs a C++ compiler"), r.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_without_checkpoint_says_what_to_run(tmp_path, monkeypatch, capsys):
