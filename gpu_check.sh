@@ -13,9 +13,21 @@ CUDA=$($PY -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null 
 if [ "$CUDA" = 1 ]; then DEV=cuda; SMALL=""; else DEV=cpu; SMALL=1; fi
 : > "$OUT/steps.txt"
 
+# the whole run fits BUDGET seconds (default 570, inside a 10-minute lease): a step gets at most its
+# own limit and what is left; with under 20 s left it is skipped and says so
+BUDGET=${BUDGET:-$([ -n "$SMALL" ] && echo 2400 || echo 570)}
+END=$(( $(date +%s) + BUDGET ))
+SCALE=$([ -n "$SMALL" ] && echo 3 || echo 1)  # the CPU rehearsal is slower than any GPU
+
 step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log to OUT/NAME.log
-  local name=$1 limit=$2 start rc
+  local name=$1 limit=$(( $2 * SCALE )) start rc left
   shift 2
+  left=$(( END - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then
+    echo "$name skipped: the budget of ${BUDGET}s is spent" | tee -a "$OUT/steps.txt"
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (at most ${limit}s)"
   start=$(date +%s)
   timeout --signal=INT --kill-after=15 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -38,7 +50,8 @@ step tests-devices 180 $PY -m pytest -p no:cacheprovider -q -rw tests/test_devic
 
 # bench: full on CUDA (whole epochs, CUDA graphs, ORT with IO binding where onnxruntime-gpu is present)
 if [ -n "$SMALL" ]; then
-  step bench 240 $PY bench.py --device cpu --model gap10k --steps 3 --repeats 1 --calls 5 --json "$OUT/bench.json"
+  step bench 80 $PY bench.py --device cpu --model gap10k --steps 3 --repeats 1 --calls 5 --variant eager amp \
+    --backend eager onnxruntime pt2 --json "$OUT/bench.json"
 else
   step bench 150 $PY bench.py --device cuda --backend eager torchscript compile onnxruntime pt2 \
     --json "$OUT/bench.json"
@@ -57,7 +70,7 @@ step export 150 $PY export.py --checkpoint "$OUT/gap10k/best.pt" --format all --
 
 # as time allows: one seed of every recipe (reproduce.py skips finished runs, so a rerun goes on)
 if [ -n "$SMALL" ]; then
-  step reproduce 60 $PY -c "print('skipped on the CPU rehearsal: it trains every recipe in full')"
+  step reproduce 20 $PY -c "print('skipped on the CPU rehearsal: it trains every recipe in full')"
 else
   step reproduce 150 $PY reproduce.py --seeds 1 --device cuda
   cp REPRODUCTION.md "$OUT/REPRODUCTION.md" 2>/dev/null
