@@ -259,17 +259,18 @@ def plot_one_epoch(name, runs, train_acc, path):
     ax = fig.add_axes([0.075, 0.13, 0.58, 0.70])
     test = [r["final_test_acc"] for r in runs]
     xs = [(i - (len(test) - 1) / 2) * 0.07 for i in range(len(test))]
-    ax.scatter(xs, test, color=OURS, s=24, zorder=3, label=f"ours, per seed ({seed_list(runs)})")
+    ax.scatter(xs, test, color=OURS, s=24, zorder=3,
+               label=f"ours, test set: seed{'s' if len(runs) > 1 else ''} {seed_list(runs)}")
     if len(test) > 1:
         ax.hlines(statistics.mean(test), -0.2, 0.2, color=OURS, linewidth=2, label=f"ours: mean of {len(test)} seeds")
     ax.annotate(f"{statistics.mean(test):.2f}%", (0.24, statistics.mean(test)), va="center", fontsize=8, color=OURS)
     values = [doc["best_test_acc"]] + test
     if train_acc is not None:
         values.append(train_acc)
-        ax.scatter([1], [train_acc], color=OURS, marker="D", s=26, zorder=3, label="ours, seed 1")
+        ax.scatter([1], [train_acc], color=OURS, marker="D", s=26, zorder=3, label="ours, training set: seed 1")
         ax.annotate(f"{train_acc:.2f}%", (1.08, train_acc), va="center", fontsize=8, color=OURS)
     ax.scatter([1], [doc["best_test_acc"]], marker="s", color=DOC, s=30, zorder=3,
-               label=f"seed {doc['seed'][:3]}: it called this its test set")
+               label=f"seed {doc['seed'][:3]}'s figure, which it called its test set")
     ax.annotate(f"{doc['best_test_acc']:.2f}%", (1.08, doc["best_test_acc"]), va="center", fontsize=8, color=DOC)
     ax.set_xticks([0, 1], ["test set\n(10,000 images)", "training set, no augmentation\n(60,000 images)"])
     ax.set_xlim(-0.5, 1.5)
