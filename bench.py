@@ -410,7 +410,8 @@ def main(argv=None):
     p.add_argument("--json", help="also write {environment, records} to this file (default: none)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed pipeline (default 2)")
     args = p.parse_args(argv)
-    with one_line_errors("interrupted: nothing written"):
+    stopped = "interrupted: " + (f"{args.json} holds what was measured before" if args.json else "nothing written")
+    with one_line_errors(stopped):
         names = args.model or (["gap10k"] if args.quick else list(models.RECIPES))
         for n in names:
             models.get_recipe(n)
@@ -434,6 +435,10 @@ def main(argv=None):
         def progress(what):
             print(f"  {what}", file=sys.stderr, flush=True)
 
+        def keep(records):  # after each task of each model, so a run stopped part-way keeps what it measured
+            if args.json:
+                save_json(dict(environment=dict(env, partial=True), records=records), args.json)
+
         for device in devices:
             if "amp" in " ".join(variants) and device.type == "cuda":
                 models.check_amp(device)
@@ -448,11 +453,13 @@ def main(argv=None):
                     records, skipped = records + got, skipped + bad
                     print(f"train {name} {device.type}: " + ", ".join(
                         f"{r['backend']}/{r['variant']} {r['value']:,.0f} img/s" for r in got), flush=True)
+                    keep(records)
                 if "infer" in args.task:
                     got, bad = bench_infer(name, device, threads_list if device.type == "cpu" else [None], repeats,
                                            calls, args.backend, progress)
                     records, skipped = records + got, skipped + bad
                     print(f"infer {name} {device.type}: done", flush=True)
+                keep(records)
         torch.set_num_threads(cores)
         env.update(skipped=skipped, load_after=load_average())
         print()
