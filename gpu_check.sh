@@ -75,7 +75,7 @@ if [ -n "$SMALL" ]; then
   step bench 80 $PY bench.py --device cpu --model gap10k --steps 3 --repeats 1 --calls 5 --variant eager amp \
     --backend eager onnxruntime pt2 --json "$OUT/bench.json"
 else
-  step bench-train 100 $PY bench.py --device cuda --task train --model gap10k bn_gap --repeats 2 \
+  step bench-train 100 $PY bench.py --device cuda --task train --model gap10k bn_gap --repeats 2 --steps 200 --workers 6 \
     --json "$OUT/bench-train.json"
   step bench-infer 80 $PY bench.py --device cuda --task infer --backend eager torchscript compile onnxruntime pt2 \
     --json "$OUT/bench-infer.json"
