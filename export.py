@@ -57,14 +57,21 @@ def export(ckpt, fmt, out_dir, opset, data_dir, tolerance, device="cpu"):
     staged = tmp_path(path, suffix)  # the suffix tells loaders the format
     meta = artifacts.metadata(ckpt)
     try:
-        if fmt == "onnx":
-            artifacts.write_onnx(module, staged, meta, opset)
-        elif fmt == "torchscript":
-            artifacts.write_torchscript(module, staged, meta)
-        elif fmt == "pt2":
-            artifacts.write_pt2(module, staged, meta)
-        else:
-            artifacts.write_aoti(module, staged, meta, str(device))
+        try:
+            if fmt == "onnx":
+                artifacts.write_onnx(module, staged, meta, opset)
+            elif fmt == "torchscript":
+                artifacts.write_torchscript(module, staged, meta)
+            elif fmt == "pt2":
+                artifacts.write_pt2(module, staged, meta)
+            else:
+                artifacts.write_aoti(module, staged, meta, str(device))
+        except (UserError, OSError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # torch's exporters raise their own kinds, with pages of detail
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"{fmt} export of {name} failed in torch's exporter ({type(e).__name__}: {first}); "
+                            "nothing written") from None
         figures = verify(staged, reference, images, labels, tolerance)
         if not figures["ok"]:
             raise UserError(f"{fmt} export of {name} does not match PyTorch: {figures['same_predictions']}/"

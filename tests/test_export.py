@@ -120,6 +120,21 @@ def test_mismatch_fails_and_leaves_nothing(fmt, exported, mnist_dir, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_exporter_failure_is_one_line_and_leaves_nothing(trained, mnist_dir, tmp_path, monkeypatch):
+    """torch's exporters fail with their own exception kinds and pages of detail (seen on an H100:
+    torch.export's ConstraintViolationError): export.py says it in one line and writes nothing."""
+    def fail(module, path, meta):
+        open(path, "wb").write(b"half")
+        raise RuntimeError("Constraints violated (batch)!\nSuggested fixes: ...")
+    monkeypatch.setattr(artifacts, "write_pt2", fail)
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(trained / "best.pt"), "--format", "pt2", "--out", str(tmp_path),
+                     "--data-dir", mnist_dir])
+    assert str(e.value.code) == ("error: pt2 export of bn_fc failed in torch's exporter (RuntimeError: Constraints "
+                                 "violated (batch)!); nothing written")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("name", ["bn_fc.torchscript.pt", "bn_fc.pt2", "bn_fc.aoti.pt2"])
 def test_code_needs_the_manifest_or_trust_code(name, exported, tmp_path):
     out, _, _ = exported
