@@ -342,10 +342,11 @@ def markdown(records):
         which = f" ({best['variant']})" if best else ""
         lines.append(f"| {m} | {d} | {cell(seed)} | {cell(best)}{which} | {ratio} | "
                      f"{epoch(seed)} / {epoch(best)} | {others} |")
-    lines += ["", "### Inference (batch 1 latency in ms, batch 1024 throughput; load time and size of the file "
-              "each backend runs from)", "",
-              "| model | device | threads | backend | p50 ms | p99 ms | images/s @1024 | p50 vs eager | load ms | file |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    train_lines = lines if train_r else []  # a task that was not run gets no empty table
+    lines = ["### Inference (batch 1 latency in ms, batch 1024 throughput; load time and size of the file "
+             "each backend runs from)", "",
+             "| model | device | threads | backend | p50 ms | p99 ms | images/s @1024 | p50 vs eager | load ms | file |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     inf = [r for r in records if r["task"] == "infer" and r["metric"] in ("p50_ms", "p99_ms", "images_per_s")]
     files = {}
     for r in records:
@@ -363,7 +364,7 @@ def markdown(records):
         size = file_size(f["file_bytes"]) if "file_bytes" in f else "-"
         lines.append(f"| {key[0]} | {key[1]} | {key[2] or '-'} | {key[3]} | {get['p50_ms']:.3f} | {get['p99_ms']:.3f} | "
                      f"{noisy}{get['images_per_s']:,.0f} | {vs} | {load} | {size} |")
-    return "\n".join(lines)
+    return "\n\n".join("\n".join(part) for part in (train_lines, lines if inf else []) if part)
 
 
 def file_size(n):
@@ -435,9 +436,9 @@ def main(argv=None):
         def progress(what):
             print(f"  {what}", file=sys.stderr, flush=True)
 
-        def keep(records):  # after each task of each model, so a run stopped part-way keeps what it measured
+        def keep(records, skipped):  # after each task of each model, so a run stopped part-way keeps its figures
             if args.json:
-                save_json(dict(environment=dict(env, partial=True), records=records), args.json)
+                save_json(dict(environment=dict(env, partial=True, skipped=skipped), records=records), args.json)
 
         for device in devices:
             if "amp" in " ".join(variants) and device.type == "cuda":
@@ -453,13 +454,13 @@ def main(argv=None):
                     records, skipped = records + got, skipped + bad
                     print(f"train {name} {device.type}: " + ", ".join(
                         f"{r['backend']}/{r['variant']} {r['value']:,.0f} img/s" for r in got), flush=True)
-                    keep(records)
+                    keep(records, skipped)
                 if "infer" in args.task:
                     got, bad = bench_infer(name, device, threads_list if device.type == "cpu" else [None], repeats,
                                            calls, args.backend, progress)
                     records, skipped = records + got, skipped + bad
                     print(f"infer {name} {device.type}: done", flush=True)
-                keep(records)
+                keep(records, skipped)
         torch.set_num_threads(cores)
         env.update(skipped=skipped, load_after=load_average())
         print()

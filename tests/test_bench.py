@@ -147,3 +147,26 @@ def test_aoti_backend_times_a_package_and_reports_its_file(tmp_path, mnist_dir, 
     metrics = {(r["threads"], r["metric"]): r["value"] for r in got["records"] if r["backend"] == "aoti"}
     assert metrics[(None, "file_bytes")] == package.stat().st_size and metrics[(None, "load_ms")] > 0
     assert metrics[(1, "p50_ms")] > 0 and metrics[(1, "images_per_s")] > 0
+
+
+def test_a_run_stopped_part_way_keeps_what_it_measured(tmp_path, mnist_dir, monkeypatch, capsys):
+    """The H100 run's bench was cut short twice (time box, a C++ abort in inductor): the JSON holds
+    every model finished before, marked partial; the table has no empty training section."""
+    def fake_infer(name, device, threads, repeats, calls, backends, progress):
+        if name == "gap10k":
+            raise KeyboardInterrupt
+        return [dict(task="infer", model=name, device="cpu", backend="eager", threads=1, batch_size=1,
+                     metric=m, value=1.0, unit="ms") for m in ("p50_ms", "p99_ms")], [f"infer {name}: skipped one"]
+    monkeypatch.setattr(bench, "bench_infer", fake_infer)
+    out = tmp_path / "b.json"
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--task", "infer", "--device", "cpu", "--model", "bn_fc", "gap10k", "--data-dir", mnist_dir,
+                    "--json", str(out)])
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"interrupted: {out} holds what was measured before"
+    got = json.loads(out.read_text())
+    assert got["environment"]["partial"] is True and got["environment"]["skipped"] == ["infer bn_fc: skipped one"]
+    assert [r["model"] for r in got["records"]] == ["bn_fc", "bn_fc"]
+    assert bench.markdown([]) == "" and "Training" not in bench.markdown(got["records"] + [
+        dict(task="infer", model="bn_fc", device="cpu", backend="eager", threads=1, batch_size=1024,
+             metric="images_per_s", value=5.0, unit="images/s")])
