@@ -26,10 +26,10 @@ def short_run(tmp_path, mnist_dir, device, name, *extra):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_same_seed_same_numbers_and_exact_resume(tmp_path, mnist_dir, device, monkeypatch):
-    """Two runs with one seed agree exactly, and a run stopped after epoch 1 and resumed ends where
-    an uninterrupted one does (metrics and weights)."""
+    """A run stopped after epoch 1 and resumed ends exactly where an uninterrupted one with the same
+    seed does (metrics and weights): two runs, one seed, the same numbers, across a resume; another
+    seed gives other numbers."""
     _, a = short_run(tmp_path, mnist_dir, device, "a")
-    _, b = short_run(tmp_path, mnist_dir, device, "b")
     real = train.train_epoch
 
     def stop_in_epoch_2(step, loader, steps, epoch=0, progress=True):
@@ -42,10 +42,10 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path, mnist_dir, device, mo
     monkeypatch.setattr(train, "train_epoch", real)
     train.run(train.parse_args(["--resume", str(tmp_path / "c"), "--data-dir", mnist_dir, "--no-progress"]))
     cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]
-    rows = [[[r[k] for k in cols] for r in common.read_metrics(str(f))] for f in (a, b, tmp_path / "c")]
-    assert len(rows[0]) == 2 and rows[0] == rows[1] == rows[2]
-    wa, wb, wc = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, b, tmp_path / "c"))
-    assert all(torch.equal(wa[k], wb[k]) and torch.equal(wa[k], wc[k]) for k in wa)
+    rows = [[[r[k] for k in cols] for r in common.read_metrics(str(f))] for f in (a, tmp_path / "c")]
+    assert len(rows[0]) == 2 and rows[0] == rows[1]
+    wa, wc = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, tmp_path / "c"))
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
     _, d = short_run(tmp_path, mnist_dir, device, "d", "--seed", "2", "--epochs", "1")
     assert [[r[k] for k in cols] for r in common.read_metrics(str(d))][0] != rows[0][0]
 

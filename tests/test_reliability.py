@@ -45,8 +45,8 @@ TRAIN = ["--model", "gap10k", "--subset", "3072", "--epochs", "3", "--device", "
 
 
 def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, mnist_dir):
-    full = cli("train.py", *TRAIN, "--out", "full", cwd=tmp_path, mnist_dir=mnist_dir)
-    assert full.returncode == 0, full.stderr
+    # the uninterrupted run goes on beside the one to be killed (one thread each)
+    full = cli("train.py", *TRAIN, "--out", "full", cwd=tmp_path, mnist_dir=mnist_dir, wait=False)
     proc = cli("train.py", *TRAIN, "--out", "cut", cwd=tmp_path, mnist_dir=mnist_dir, wait=False)
     csv_path = tmp_path / "cut" / "metrics.csv"
     deadline = time.time() + 240
@@ -62,6 +62,8 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, mnist_dir):
     proc.wait()
     check_files_whole(tmp_path / "cut")
     assert len(metrics(tmp_path / "cut")) == 1
+    _, err = full.communicate(timeout=300)
+    assert full.returncode == 0, err
     resumed = cli("train.py", "--resume", "cut", "--device", "cpu", "--no-progress", cwd=tmp_path, mnist_dir=mnist_dir)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
