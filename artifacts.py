@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import io
 import json
-import logging
 import os
 import sys
 import warnings
@@ -26,7 +25,7 @@ import torch.nn as nn
 
 import data
 import models
-from common import UserError, atomic_write, json_text, read_json_dict, save_text
+from common import UserError, atomic_write, first_line, json_text, read_json_dict, save_text
 
 # TorchScript is deprecated in favour of torch.export, but it is a format this project ships.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
@@ -149,12 +148,6 @@ def write_pt2(module, path, meta):
                  suffix=".pt2")
 
 
-def _quiet_inductor():
-    """torch's CUDA wheel warns 'No CUDA runtime is found' when AOTInductor starts on a CPU-only
-    machine: true and beside the point for a CPU package."""
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-
-
 def check_cxx():
     """AOTInductor compiles C++ at export time: one clear line, before any work, if no compiler works."""
     from torch._inductor import config, cpp_builder, exc
@@ -170,7 +163,7 @@ def write_aoti(module, path, meta, device="cpu"):
     """An AOTInductor package compiled for `device` (cpu or cuda), metadata inside it."""
     check_cxx()
     from torch._inductor import aoti_compile_and_package
-    _quiet_inductor()
+    models.quiet_inductor()
     program = exported_program(module, device)
     configs = dict(AOTI_CONFIGS, **{"aot_inductor.metadata": dict(meta)})
     def write(f):
@@ -291,13 +284,13 @@ def load(path, trust_code=False, threads=None):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"cannot load {path}: {_first_line(e)}") from None
+        raise UserError(f"cannot load {path}: {first_line(e)}") from None
 
     def run(x):
         try:
             out = raw(x)
         except Exception as e:
-            raise UserError(f"cannot run {path} on float32 [N, 1, 28, 28] input: {_first_line(e)}") from None
+            raise UserError(f"cannot run {path} on float32 [N, 1, 28, 28] input: {first_line(e)}") from None
         if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (len(x), 10)):
             got = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
             raise UserError(f"{path} breaks the output contract: it gave {got}, not one float32 [N, 10] array")
@@ -319,7 +312,7 @@ def _load_torch(fmt, path, blob):
         meta = json.loads(extra["metadata.json"] or "{}")
     else:
         from torch._inductor import aoti_load_package
-        _quiet_inductor()
+        models.quiet_inductor()
         module = aoti_load_package(io.BytesIO(blob))  # its loader copies it to a temp file
         meta = module.get_metadata()
         device = meta.get("AOTI_DEVICE_KEY", "cpu")
@@ -351,7 +344,3 @@ def predict(artifact, images, batch_size=1000, trust_code=False):
     x = data.to_unit(images).numpy()
     return torch.from_numpy(np.concatenate([run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]))
 
-
-def _first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

@@ -36,8 +36,8 @@ import artifacts
 import data
 import models
 import train
-from common import (check_at_least, check_out_file, device_name, devices_present, get_device, git_commit,
-                    load_checkpoint, one_line_errors, save_checkpoint, save_json)
+from common import (check_at_least, check_out_file, device_name, devices_present, first_line, get_device,
+                    git_commit, load_checkpoint, one_line_errors, save_checkpoint, save_json)
 
 NOISY = 0.2  # a figure whose timed repeats spread by more than this share of their median is flagged
 
@@ -152,8 +152,7 @@ def spread(values):
 
 
 def one_line(e):
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+    return f"{type(e).__name__}: {first_line(e)}"[:300]
 
 
 # --------------------------------------------------------------------------- inference

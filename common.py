@@ -35,11 +35,17 @@ class Diverged(UserError):
     pass
 
 
+def first_line(e):
+    """An exception's message cut to its first line (libraries raise pages), else its type's name."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def error_line(e):
     """The one line a user sees for an error."""
     if isinstance(e, OSError) and not isinstance(e, UserError):
         return f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else "")
-    return f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+    return f"error: {first_line(e)}"
 
 
 @contextlib.contextmanager
@@ -257,7 +263,8 @@ def read_json_dict(path):
 
 # ------------------------------------------------------------------------- checkpoints
 
-def _number(v):
+def is_number(v):
+    """A real, finite int or float (not a bool): what a figure read from a file must be."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -292,8 +299,7 @@ def load_checkpoint(path, model_name=None, training_state=False):
         if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
             raise UserError(f"refusing {path}: it holds more than tensors and plain values, and loading it "
                             f"could run code (only checkpoints written by train.py are read)") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: {first} (truncated or not a torch file)") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(e)} (truncated or not a torch file)") from None
     bad = f"{path} is not a checkpoint written by train.py"
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_name"), str) or \
             not isinstance(ckpt.get("model"), dict) or not ckpt["model"]:
@@ -302,7 +308,7 @@ def load_checkpoint(path, model_name=None, training_state=False):
         raise UserError(bad + " (its model is not a dict of tensors)")
     if not (isinstance(ckpt.get("epoch"), int) and not isinstance(ckpt["epoch"], bool) and ckpt["epoch"] >= 0):
         raise UserError(bad + " (epoch missing or not a whole number)")
-    if not (_number(ckpt.get("test_acc")) and 0 <= ckpt["test_acc"] <= 100):
+    if not (is_number(ckpt.get("test_acc")) and 0 <= ckpt["test_acc"] <= 100):
         raise UserError(bad + " (test_acc missing or not a percentage)")
     for k, v in ckpt["model"].items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -313,7 +319,7 @@ def load_checkpoint(path, model_name=None, training_state=False):
         rng = ckpt.get("rng")
         ok = isinstance(ckpt.get("optimizer"), dict) and isinstance(ckpt.get("args"), dict) and \
             isinstance(ckpt.get("history"), list) and all(isinstance(h, dict) for h in ckpt["history"]) and \
-            _number(ckpt.get("best_acc")) and isinstance(ckpt.get("best_epoch"), int) and \
+            is_number(ckpt.get("best_acc")) and isinstance(ckpt.get("best_epoch"), int) and \
             (ckpt.get("scheduler") is None or isinstance(ckpt["scheduler"], dict)) and \
             isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor) and \
             isinstance(rng.get("data"), torch.Tensor)

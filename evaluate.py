@@ -26,8 +26,8 @@ from sklearn.metrics import classification_report, confusion_matrix  # noqa: E40
 import artifacts  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
-from common import (METRICS, UserError, check_out_dir, find_checkpoint, get_device, json_text, load_checkpoint,  # noqa: E402
-                    one_line_errors, read_json_dict, read_metrics, replace_all)
+from common import (METRICS, UserError, check_out_dir, find_checkpoint, get_device, is_number, json_text,  # noqa: E402
+                    load_checkpoint, one_line_errors, read_json_dict, read_metrics, replace_all)
 
 DIGITS = list(range(10))
 
@@ -197,14 +197,10 @@ def run_record(run_dir):
             print(f"warning: {e}; the report leaves it out", file=sys.stderr)
             continue
         if name == "summary.json":
-            summary = got if _number(got.get("best_test_acc")) and isinstance(got.get("best_epoch"), int) else None
+            summary = got if is_number(got.get("best_test_acc")) and isinstance(got.get("best_epoch"), int) else None
         else:
             rows = got
     return summary, rows
-
-
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def evaluate(source_path, kind, out, data_dir, device, trust_code=False):

@@ -17,8 +17,8 @@ import torch
 import artifacts
 import data
 import models
-from common import (UserError, check_out_dir, check_positive, find_checkpoint, get_device, load_checkpoint,
-                    one_line_errors, tmp_path)
+from common import (UserError, check_out_dir, check_positive, find_checkpoint, first_line, get_device,
+                    load_checkpoint, one_line_errors, tmp_path)
 
 
 def verify(path, reference, images, labels, tolerance):
@@ -69,8 +69,7 @@ def export(ckpt, fmt, out_dir, opset, data_dir, tolerance, device="cpu"):
         except (UserError, OSError, KeyboardInterrupt):
             raise
         except Exception as e:  # torch's exporters raise their own kinds, with pages of detail
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"{fmt} export of {name} failed in torch's exporter ({type(e).__name__}: {first}); "
+            raise UserError(f"{fmt} export of {name} failed in torch's exporter ({type(e).__name__}: {first_line(e)}); "
                             "nothing written") from None
         figures = verify(staged, reference, images, labels, tolerance)
         if not figures["ok"]:

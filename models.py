@@ -343,13 +343,19 @@ def use_fast_dropout(model):
     return model
 
 
+def quiet_inductor():
+    """torch's CUDA wheel warns 'No CUDA runtime is found' when inductor starts on a CPU-only
+    machine: true and beside the point for CPU code."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def compile_model(model, cudagraphs=True):
     """torch.compile(model) with static shapes (a short last batch gets its own graph instead of
     sending every later batch through a dynamic one); on CUDA with CUDA graphs (mode
     reduce-overhead) unless cudagraphs=False. Returns the compiled wrapper, which shares the
     module's parameters and buffers."""
     torch._dynamo.reset()  # fresh caches: an earlier model's recompiles must not use up this one's limit
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on CPU hosts
+    quiet_inductor()
     graphs = cudagraphs and next(model.parameters()).device.type == "cuda"
     return torch.compile(model, mode="reduce-overhead" if graphs else None, dynamic=False)
 

@@ -8,7 +8,6 @@ import torch
 
 import bench
 import models
-import train
 
 FIELDS = {"task", "model", "device", "backend", "batch_size", "threads", "metric", "value", "unit"}
 TINY = ["--model", "gap10k", "--device", "cpu", "--steps", "2", "--repeats", "1", "--calls", "3"]

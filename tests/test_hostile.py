@@ -3,7 +3,6 @@ starting 'error:', no traceback, no partial file, and for code-bearing artifacts
 
 The cases run in one batch: a runner process imports torch and the scripts once, then forks one
 child per case (its own exit code, stderr and working folder), which keeps ~40 process runs fast."""
-import gzip
 import json
 import os
 import shutil
