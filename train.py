@@ -330,8 +330,8 @@ def train(args, out, created):
                 compile=args.compile, train_images=len(train_y), out=out)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     info.update(documented=recipe["documented"], reconstructed=recipe["reconstructed"], lr=args.lr,
-                subset=args.subset, python=platform.python_version(), torch=torch.__version__,
-                torchvision=torchvision.__version__, git_commit=git_commit(),
+                subset=args.subset, threads=torch.get_num_threads(), python=platform.python_version(),
+                torch=torch.__version__, torchvision=torchvision.__version__, git_commit=git_commit(),
                 command=" ".join([os.path.basename(sys.executable)] + sys.argv))
     t_run = time.time()
     for epoch in range(start, args.epochs + 1):

@@ -26,7 +26,7 @@ def test_outputs_and_summary(tmp_path, mnist_dir):
     assert len(rows(out)) == 2
     s = json.loads((out / "summary.json").read_text())
     for key in ("best_test_acc", "best_epoch", "final_test_acc", "documented", "params", "python", "torch",
-                "torchvision", "device_name", "git_commit", "command", "seed", "wall_seconds"):
+                "torchvision", "device_name", "git_commit", "command", "seed", "wall_seconds", "threads"):
         assert key in s
     assert s["params"] == 9798 and s["documented"]["best_test_acc"] == 99.38
     best = torch.load(out / "best.pt", weights_only=True)
