@@ -455,6 +455,16 @@ def registry_notes(results):
     return lines
 
 
+def threads(runs):
+    """What the runs' summary.json say of torch's CPU thread count (recorded since af6a5c3)."""
+    counts = sorted({r["threads"] for r in runs if isinstance(r.get("threads"), int)})
+    unknown = sum(not isinstance(r.get("threads"), int) for r in runs)
+    said = f"torch CPU threads: {', '.join(map(str, counts))}" if counts else ""
+    if unknown:
+        said += ("; " if said else "") + f"{unknown} run(s) from before threads were recorded"
+    return (said[0].upper() + said[1:] + ".") if said else ""
+
+
 def write_report(results, extra, latency_source, path=REPORT):
     """REPRODUCTION.md: measured figures and registry notes, then the hand-written part kept as is."""
     all_runs = [r for runs in results.values() for r in runs]
@@ -470,8 +480,8 @@ def write_report(results, extra, latency_source, path=REPORT):
              f"Runs: {len(all_runs)} ({', '.join(f'{n} x{len(rs)}' for n, rs in results.items())}); device: "
              f"{devices(all_runs)}; {settings(all_runs)}; torch {', '.join(torches)}; code at commit "
              f"{', '.join(commits)}; "
-             f"{wall:.1f} min of wall time in all (training and per-epoch evaluation). Thread count and machine "
-             "load are not recorded in a run.", "",
+             f"{wall:.1f} min of wall time in all (training and per-epoch evaluation). {threads(all_runs)} "
+             "Machine load is not recorded in a run.", "",
              "| recipe | params | documented best (epoch) | reproduced best (epoch), seed 1 | final, seed 1 "
              "| best, mean +- std over seeds | gap to documented | s/epoch |",
              "|---|---|---|---|---|---|---|---|"]
@@ -490,8 +500,8 @@ def write_report(results, extra, latency_source, path=REPORT):
               f"Per run, the training seconds (metrics.csv's `seconds`: training only, the per-epoch test pass "
               f"excluded) summed up to and including the first epoch whose test accuracy reaches {TARGET:.1f}%; "
               f"the mean is over the seeds that reach it. Device: {devices(all_runs)}, {settings(all_runs)}. "
-              "A run does not record its thread count or how loaded the machine was: see the conditions of "
-              "these runs in the hand-written analysis below before comparing seconds.", "",
+              "A run does not record how loaded the machine was: see the conditions of these runs in the "
+              "hand-written analysis below before comparing seconds.", "",
               *time_table(results)]
     lines += ["", "## Figures", "",
               "Per recipe: our per-epoch test accuracy over seeds (mean line, min-max band) with the seed's own "

@@ -158,3 +158,9 @@ def test_help_states_meaning_and_default_of_every_flag(capsys):
     for flag in ("--models", "--seeds", "--device", "--data-dir", "--no-train"):
         part = text.split(flag, 2)[-1].split(" --")[0]   # the flag's own help text
         assert "default" in part, flag
+
+
+def test_the_report_says_what_the_runs_say_of_threads():
+    assert reproduce.threads([{"threads": 1}, {"threads": 2}]) == "Torch CPU threads: 1, 2."
+    assert reproduce.threads([{"threads": 1}, {}]) == "Torch CPU threads: 1; 1 run(s) from before threads were recorded."
+    assert reproduce.threads([{}]) == "1 run(s) from before threads were recorded."
