@@ -22,8 +22,9 @@ STABLE = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]  # 
 def cli(script, *args, cwd, mnist_dir, wait=True):
     env = dict(os.environ, MNIST_DIR=mnist_dir, OMP_NUM_THREADS="1")
     cmd = [sys.executable, os.path.join(ROOT, script), *args]
-    if not wait:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:  # Ctrl-C reaches the child even where the test runner was started with SIGINT ignored
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
