@@ -21,8 +21,9 @@ import zipfile
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import torch  # noqa: E402
 
-MAX_CHECKPOINT_BYTES = 64 << 20
-METRICS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_s"]  # metrics.csv   # ours are 0.1-0.4 MB; anything near this is not one of ours
+MAX_CHECKPOINT_BYTES = 64 << 20  # ours are 0.1-0.4 MB; anything near this is not one of ours
+METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "seconds",
+           "images_per_s"]  # metrics.csv; val_* are empty without --val
 
 
 # ------------------------------------------------------------------------------ errors
@@ -259,6 +260,20 @@ def read_json_dict(path):
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a JSON {type(obj).__name__}, not an object")
     return obj
+
+
+# -------------------------------------------------------------------------- statistics
+
+def ci95(correct, n):
+    """The 95% Wilson score interval of an accuracy of `correct` out of `n`, as [low, high] in percent
+    rounded to 2 decimals (scipy.stats.binomtest(...).proportion_ci(method="wilson"))."""
+    from scipy.stats import binomtest
+    ci = binomtest(int(correct), int(n)).proportion_ci(0.95, method="wilson")
+    return [round(100 * ci.low, 2), round(100 * ci.high, 2)]
+
+
+def ci_text(ci):
+    return f"95% CI {ci[0]:.2f}-{ci[1]:.2f}"
 
 
 # ------------------------------------------------------------------------- checkpoints

@@ -124,6 +124,17 @@ def load(split, data_dir=None):
     return _cache[key]
 
 
+VAL_SEED = 0  # the validation split's own fixed seed: the same held-out images for every recipe and run seed
+
+
+def split_val(n):
+    """(training indices, validation indices) of the 60,000 training images for --val n: the first n
+    of torch.randperm(60000) under a generator seeded VAL_SEED are held out; both lists are sorted, so
+    the images trained on keep MNIST's order (and n = 0 is the plain training set)."""
+    perm = torch.randperm(COUNTS["train"], generator=torch.Generator().manual_seed(VAL_SEED))
+    return perm[n:].sort().values, perm[:n].sort().values
+
+
 def to_unit(images):
     """uint8 images [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1] (what ToTensor gives)."""
     return images.unsqueeze(1).float().div_(255)

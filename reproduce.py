@@ -546,6 +546,9 @@ def main(argv=None):
                         "(default: auto = CUDA, then MPS, then CPU)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="MNIST folder (default: $MNIST_DIR, else ./data); --no-train needs it only for conv4_fc")
+    p.add_argument("--val", type=int, default=5000, metavar="N",
+                   help="training images each new run holds out to choose its best.pt on (train.py --val; default "
+                        "5000; 0 trains on all 60,000 and chooses by test accuracy, as the seeds did)")
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: rebuild REPRODUCTION.md, figures/ and pretrained/ from the runs "
                         "finished in runs/reproduce/, skipping unfinished ones (seconds; default: off)")
@@ -566,7 +569,8 @@ def main(argv=None):
                     again = os.path.isfile(os.path.join(out, "last.pt"))  # a run stopped part-way goes on
                     targs = train.parse_args(["--device", args.device, "--no-progress"]
                                              + (["--resume", out] if again else
-                                                ["--model", name, "--seed", str(seed), "--out", out])
+                                                ["--model", name, "--seed", str(seed), "--val", str(args.val),
+                                                 "--out", out])
                                              + (["--data-dir", args.data_dir] if args.data_dir else []))
                     train.run(targs)
         results, skipped = {}, []

@@ -5,7 +5,9 @@
     python train.py --resume runs/gap10k/latest
 
 Writes into --out (default runs/<model>/<timestamp>/, runs/<model>/latest points at it):
-metrics.csv, best.pt (on every test-accuracy improvement), last.pt (every epoch), summary.json.
+metrics.csv, best.pt (on every improvement), last.pt (every epoch), summary.json. best.pt is chosen
+by test accuracy, as the seeds do (optimistic: the test set picks the checkpoint it is scored on),
+or with --val N by the accuracy on N held-out training images, the honest choice.
 Every file is written to a temp file and renamed, so a kill leaves the old or the new one.
 """
 import argparse
@@ -25,9 +27,9 @@ from tqdm import tqdm
 
 import data
 import models
-from common import (METRICS, Diverged, UserError, check_at_least, check_out_dir, defer_sigint, device_name, get_device,
-                    git_commit, load_checkpoint, lock_run, one_line_errors, remove_run, save_checkpoint,
-                    save_json, save_text, unlock_run)
+from common import (METRICS, Diverged, UserError, check_at_least, check_out_dir, ci95, ci_text, defer_sigint,
+                    device_name, get_device, git_commit, load_checkpoint, lock_run, one_line_errors, remove_run,
+                    save_checkpoint, save_json, save_text, unlock_run)
 
 
 def seed_everything(seed, device):
@@ -137,6 +139,9 @@ def parser():
     p.add_argument("--out", help="run folder (default: runs/<model>/<timestamp>/, and runs/<model>/latest "
                    "points at it once its first epoch is written)")
     p.add_argument("--subset", type=int, help="train on the first N training images only (default: all 60,000)")
+    p.add_argument("--val", type=int, default=0, help="hold out N of the 60,000 training images (a fixed choice, "
+                   "the same for every recipe and seed: data.split_val) and choose best.pt by accuracy on them "
+                   "(default 0: best.pt by test accuracy, the seeds' protocol)")
     p.add_argument("--pipeline", default="fast", choices=["fast", "torchvision"],
                    help="fast (default): data and augmentation on the training device; torchvision: the seeds' "
                    "PIL transforms + DataLoader")
@@ -167,7 +172,9 @@ RESUME_MAY_SET = {"resume", "device", "data_dir", "no_progress", "model"}
 def check_args(args):
     models.get_recipe(args.model)
     check_at_least(args, 1, "epochs", "batch_size", "subset")
-    check_at_least(args, 0, "workers")
+    check_at_least(args, 0, "workers", "val")
+    if args.val >= data.COUNTS["train"]:
+        raise UserError(f"--val {args.val} would hold out every training image; use at most {data.COUNTS['train'] - 1}")
     if args.pipeline not in ("fast", "torchvision"):
         raise UserError(f"unknown pipeline '{args.pipeline}'")
     if not 0 <= args.seed <= 2 ** 63 - 1:
@@ -303,6 +310,11 @@ def train(args, out, created):
 
     train_x, train_y = data.load("train", args.data_dir)
     test_x, test_y = data.load("test", args.data_dir)
+    val_x = val_y = None
+    if args.val:
+        keep, held = data.split_val(args.val)
+        val_x, val_y = train_x[held].to(device), train_y[held].to(device)
+        train_x, train_y = train_x[keep], train_y[keep]
     if args.subset:
         train_x, train_y = train_x[:args.subset], train_y[:args.subset]
     train_x, train_y = train_x.to(device), train_y.to(device)
@@ -327,7 +339,7 @@ def train(args, out, created):
     info = dict(model=args.model, params=n_params, device=str(device), device_name=device_name(device),
                 batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, pipeline=args.pipeline,
                 channels_last=args.channels_last, amp=args.amp, fast_dropout=args.fast_dropout,
-                compile=args.compile, train_images=len(train_y), out=out)
+                compile=args.compile, train_images=len(train_y), val_images=args.val, out=out)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     info.update(documented=recipe["documented"], reconstructed=recipe["reconstructed"], lr=args.lr,
                 subset=args.subset, threads=torch.get_num_threads(), python=platform.python_version(),
@@ -342,31 +354,58 @@ def train(args, out, created):
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - t0
+        val_loss = val_acc = None
+        if args.val:
+            val_loss, _, val_acc = models.score(models.predict(model, val_x), val_y)
         test_loss, correct, test_acc = models.score(models.predict(model, test_x), test_y)
         print(f"Epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.2f}% | "
-              f"Test set: Average loss: {test_loss:.4f}, Accuracy: {correct}/{len(test_y)} ({test_acc:.2f}%) | "
-              f"{seconds:.1f}s {seen / seconds:.0f} img/s")
+              + (f"val acc {val_acc:.2f}% | " if args.val else "")
+              + f"Test set: Average loss: {test_loss:.4f}, Accuracy: {correct}/{len(test_y)} ({test_acc:.2f}%, "
+              f"{ci_text(ci95(correct, len(test_y)))}) | {seconds:.1f}s {seen / seconds:.0f} img/s")
         history.append(dict(epoch=epoch, train_loss=round(train_loss, 6), train_acc=round(train_acc, 4),
+                            val_loss=None if val_loss is None else round(val_loss, 6), val_acc=val_acc,
                             test_loss=round(test_loss, 6), test_acc=test_acc, lr=float(f"{lr:.6g}"),
                             seconds=round(seconds, 3), images_per_s=round(seen / seconds, 1)))
-        is_best = test_acc > best_acc
+        chosen_by = val_acc if args.val else test_acc  # what picks best.pt
+        is_best = chosen_by > best_acc
         if is_best:
-            best_acc, best_epoch = test_acc, epoch
+            best_acc, best_epoch = chosen_by, epoch
         state = dict(model_name=args.model, model={k: v.cpu() for k, v in model.state_dict().items()},
-                     epoch=epoch, test_acc=test_acc, params=n_params)
+                     epoch=epoch, test_acc=test_acc, params=n_params, val_acc=val_acc)
         training = dict(optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict() if scheduler is not None else None,
                         rng=rng_state(device, gen), history=history, best_acc=best_acc, best_epoch=best_epoch,
                         args=vars(args))
-        summary = dict(info, best_test_acc=best_acc, best_epoch=best_epoch, final_test_acc=test_acc,
-                       epochs_done=epoch, wall_seconds=round(time.time() - t_run, 1))
+        summary = dict(info, **results(history, best_epoch, len(test_y), args.val), final_test_acc=test_acc,
+                       final_test_acc_ci95=ci95(correct, len(test_y)), epochs_done=epoch,
+                       wall_seconds=round(time.time() - t_run, 1))
         write_epoch(out, state, training, is_best, history, summary)
         if epoch == start:
             point_latest(args, out)
-    print(f"best test accuracy {best_acc:.2f}% at epoch {best_epoch} "
-          f"(documented {recipe['documented']['best_test_acc']}% at epoch {recipe['documented']['best_epoch']}); "
+    if args.val:
+        print(f"chosen on validation: epoch {best_epoch}, test accuracy {summary['val_chosen_test_acc']:.2f}% "
+              f"({ci_text(summary['val_chosen_test_acc_ci95'])}); ", end="")
+    print(f"best test accuracy {summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}"
+          + (" (optimistic: the test set chose it)" if args.val else "")
+          + f" (documented {recipe['documented']['best_test_acc']}% at epoch {recipe['documented']['best_epoch']}); "
           f"run folder {out}")
     return summary
+
+
+def results(history, chosen_epoch, n_test, val):
+    """summary.json's accuracy figures from the epochs so far. best_test_acc / best_epoch: the highest
+    test accuracy over epochs, the seeds' figure (optimistic: the test set picks the epoch). With
+    --val also val_chosen_*: the epoch whose validation accuracy was highest (best.pt), and its test
+    accuracy, the honest figure. Each test accuracy with its 95% Wilson interval."""
+    top = max(history, key=lambda h: h["test_acc"])  # the first epoch at the maximum
+    ci = lambda acc: ci95(round(acc * n_test / 100), n_test)  # noqa: E731 (accuracies are k / n_test exactly)
+    out = dict(best_test_acc=top["test_acc"], best_epoch=top["epoch"], best_test_acc_ci95=ci(top["test_acc"]),
+               checkpoint_chosen_by="validation" if val else "test accuracy (the seeds' protocol)")
+    if val:
+        chosen = next(h for h in history if h["epoch"] == chosen_epoch)
+        out.update(val_chosen_epoch=chosen_epoch, val_chosen_val_acc=chosen["val_acc"],
+                   val_chosen_test_acc=chosen["test_acc"], val_chosen_test_acc_ci95=ci(chosen["test_acc"]))
+    return out
 
 
 def main(argv=None):
