@@ -337,7 +337,7 @@ def read_metadata(path, trust_code=False):
     return load(path, trust_code).metadata
 
 
-def predict(artifact, images, batch_size=1000, trust_code=False):
+def log_probs(artifact, images, batch_size=1000, trust_code=False):
     """Log-probabilities [N, 10] (torch, CPU) of an exported file (a path, or a function from load())
     for uint8 images [N, 28, 28]."""
     run = load(artifact, trust_code) if isinstance(artifact, str) else artifact

@@ -217,7 +217,7 @@ def evaluate(source_path, kind, out, data_dir, device, trust_code=False):
         run_dir = run_folder(source_path)
     images, labels = data.load("test", data_dir)
     check_out_dir(out, "--out")
-    logp = artifacts.predict(run, images) if kind == "artifact" else models.predict(model, images)
+    logp = artifacts.log_probs(run, images) if kind == "artifact" else models.log_probs(model, images)
     if not bool(torch.isfinite(logp).all()):
         raise UserError(f"{source_path} gives NaN or infinite log-probabilities")
     r = report(labels, logp)

@@ -292,7 +292,7 @@ def from_checkpoint(ckpt):
 
 
 @torch.no_grad()
-def predict(model, images, batch_size=1000):
+def log_probs(model, images, batch_size=1000):
     """Log-probabilities [N, 10] on the CPU for uint8 images [N, 28, 28] (on any device); each batch
     is moved to the model's device and normalised there."""
     model.eval()

@@ -38,14 +38,14 @@ def load_classifier(args):
         run = artifacts.load(args.artifact, trust_code=args.trust_code)
         info = {"model": run.metadata.get("model", "?"), "test_acc": run.metadata.get("test_acc"),
                 "source": args.artifact}
-        return lambda x: artifacts.predict(run, x).exp().numpy(), info
+        return lambda x: artifacts.log_probs(run, x).exp().numpy(), info
     name = args.model or "bn_gap"
     models.get_recipe(name)
     path = common.find_checkpoint(name, args.checkpoint)
     ckpt = common.load_checkpoint(path, args.model)
     model = models.from_checkpoint(ckpt).to(common.get_device(args.device))
     info = {"model": ckpt["model_name"], "test_acc": f"{ckpt['test_acc']:.2f}", "source": path}
-    return lambda x: models.predict(model, x).exp().numpy(), info
+    return lambda x: models.log_probs(model, x).exp().numpy(), info
 
 
 def answer(name, probs):

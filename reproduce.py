@@ -123,7 +123,7 @@ def train_set_accuracy(ckpt_path, data_dir, device):
     """Accuracy on the 60,000 training images (no augmentation): what seed 001 called its test set."""
     model = models.from_checkpoint(common.load_checkpoint(ckpt_path)).to(device)
     x, y = data.load("train", data_dir)
-    return models.score(models.predict(model, x), y)[2]
+    return models.score(models.log_probs(model, x), y)[2]
 
 
 def publish_pretrained(name, seed):

@@ -356,8 +356,8 @@ def train(args, out, created):
         seconds = time.time() - t0
         val_loss = val_acc = None
         if args.val:
-            val_loss, _, val_acc = models.score(models.predict(model, val_x), val_y)
-        test_loss, correct, test_acc = models.score(models.predict(model, test_x), test_y)
+            val_loss, _, val_acc = models.score(models.log_probs(model, val_x), val_y)
+        test_loss, correct, test_acc = models.score(models.log_probs(model, test_x), test_y)
         print(f"Epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.2f}% | "
               + (f"val acc {val_acc:.2f}% | " if args.val else "")
               + f"Test set: Average loss: {test_loss:.4f}, Accuracy: {correct}/{len(test_y)} ({test_acc:.2f}%, "

@@ -69,13 +69,13 @@ def test_device_predictions_match_cpu_and_exports(tmp_path, mnist_dir, device):
     (exported from the CPU copy) agrees with it."""
     model = models.from_checkpoint(common.load_checkpoint(os.path.join(ROOT, "pretrained", "bn_fc.pt")))
     x = data.load("test", mnist_dir)[0][:1000]
-    cpu = models.predict(model, x)
-    dev = models.predict(model.to(device), x)
+    cpu = models.log_probs(model, x)
+    dev = models.log_probs(model.to(device), x)
     assert torch.equal(cpu.argmax(1), dev.argmax(1)) and (cpu - dev).abs().max() < 1e-4
     path = str(tmp_path / "m.onnx")
     ck = dict(model_name="bn_fc", test_acc=0.0, epoch=0)
     artifacts.write_onnx(artifacts.Exportable(model.cpu()).eval(), path, artifacts.metadata(ck), 18)
-    got = artifacts.predict(path, x)
+    got = artifacts.log_probs(path, x)
     assert torch.equal(got.argmax(1), dev.argmax(1)) and (got - dev).abs().max() < 1e-4
 
 

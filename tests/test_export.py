@@ -71,7 +71,7 @@ def test_pt2_and_aoti_run_with_torch_alone(exported, mnist_dir):
     from torch._inductor import aoti_load_package
     out, ckpt, _ = exported
     x, _ = data.load("test", mnist_dir)
-    ref = models.predict(models.from_checkpoint(ckpt), x[:1000])
+    ref = models.log_probs(models.from_checkpoint(ckpt), x[:1000])
     x01 = x[:1000].unsqueeze(1).float() / 255
     for run in (torch.export.load(str(out / "bn_fc.pt2")).module(), aoti_load_package(str(out / "bn_fc.aoti.pt2"))):
         with torch.no_grad():
@@ -99,7 +99,7 @@ def test_onnxruntime_predicts_like_the_checkpoint(exported, mnist_dir):
     """Independent of export.verify: a fresh onnxruntime session on the test set, batches 1 and 1000."""
     out, ckpt, _ = exported
     x, y = data.load("test", mnist_dir)
-    ref = models.predict(models.from_checkpoint(ckpt), x)
+    ref = models.log_probs(models.from_checkpoint(ckpt), x)
     sess = ort.InferenceSession(str(out / "bn_fc.onnx"), providers=["CPUExecutionProvider"])
     x01 = (x.unsqueeze(1).float() / 255).numpy()
     got = np.concatenate([sess.run(None, {"image": x01[i:i + 1000]})[0] for i in range(0, 10000, 1000)])

@@ -102,11 +102,11 @@ def test_synthetic_photos_score_like_mnist_with_every_shipped_model(photos, test
     plain = torch.stack([torch.from_numpy(np.array(data.open_image(r).convert("L").resize((28, 28)))) for r in raw])
     for name in models.RECIPES:
         model = models.from_checkpoint(common.load_checkpoint(pretrained(name)))
-        got, mnist = accuracy(models.predict(model, seen), labels), accuracy(models.predict(model, test_set[0][:N_PHOTOS]), labels)
+        got, mnist = accuracy(models.log_probs(model, seen), labels), accuracy(models.log_probs(model, test_set[0][:N_PHOTOS]), labels)
         assert got >= mnist - 1.5, f"{name}: {got:.1f}% on the photos, {mnist:.1f}% on the same MNIST digits"
         if name == "bn_gap":
             assert got >= 98.0
-            assert accuracy(models.predict(model, plain), labels) < 50   # a plain resize fails: the photos are hard
+            assert accuracy(models.log_probs(model, plain), labels) < 50   # a plain resize fails: the photos are hard
 
 
 def test_mnist_test_images_pass_unchanged(test_set):
@@ -228,7 +228,7 @@ def test_cli_on_real_test_images_predicts_like_models_predict(tmp_path, test_set
     results = json.loads(run.stdout)
     assert [r["file"] for r in results] == [str(folder / f"{i:04d}.png") for i in range(n)]
     assert all(set(r) == {"file", "prediction", "probability", "probabilities"} for r in results)
-    ref = models.predict(models.from_checkpoint(common.load_checkpoint(pretrained("bn_gap"))), x[:n]).exp()
+    ref = models.log_probs(models.from_checkpoint(common.load_checkpoint(pretrained("bn_gap"))), x[:n]).exp()
     got = torch.tensor([r["probabilities"] for r in results])
     assert (got - ref).abs().max() < 2e-6
     assert [r["prediction"] for r in results] == ref.argmax(1).tolist()

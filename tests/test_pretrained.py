@@ -30,7 +30,7 @@ def test_pretrained_matches_reproduction(name, mnist_dir):
     assert set(ckpt) == {"model_name", "model", "epoch", "test_acc", "params"}
     model = models.from_checkpoint(ckpt)
     x, y = data.load("test", mnist_dir)
-    _, correct, acc = models.score(models.predict(model, x), y)
+    _, correct, acc = models.score(models.log_probs(model, x), y)
     best, epoch = recorded()[name]
     assert correct == round(best * 100)          # 10,000 images: 0.01% is one image
     assert (acc, ckpt["epoch"]) == (best, epoch)

@@ -39,7 +39,7 @@ def test_best_saved_only_on_improvement(tmp_path, mnist_dir, monkeypatch):
     accs = iter([50.0, 70.0, 60.0, 70.0])
     real_score = models.score
     monkeypatch.setattr(models, "score", lambda logp, y: (*real_score(logp, y)[:2], next(accs)))
-    monkeypatch.setattr(models, "predict", lambda model, images: torch.zeros(len(images), 10))  # scores are scripted
+    monkeypatch.setattr(models, "log_probs", lambda model, images: torch.zeros(len(images), 10))  # scores are scripted
     writes = []
     real_save = train.save_checkpoint
     monkeypatch.setattr(train, "save_checkpoint",
