@@ -34,8 +34,8 @@ from torch._dynamo.utils import counters
 
 import artifacts
 import data
+import loop
 import models
-import train
 from common import (check_at_least, check_out_file, device_name, devices_present, first_line, get_device,
                     git_commit, load_checkpoint, one_line_errors, save_checkpoint, save_json)
 
@@ -105,14 +105,14 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers,
                                   cudagraphs="cudagraphs" in on)
         opt = models.build_optimizer(recipe, model)
         sched, every = models.build_schedule(recipe, opt, 1000, steps)  # long schedule: no step limit
-        step = train.Step(net, opt, sched, every, "channels_last" in on, "amp" in on)
+        trainer = loop.Trainer(net, opt, sched, every, "channels_last" in on, "amp" in on)
         graph_skips = counters["inductor"]["cudagraph_skips"]
         rates = []
         # first pass: warm-up (compilation, graph capture, worker start-up, allocator), then timed repeats
         for r in range(repeats + 1):
             loader, done = make_loader(), []
-            seconds = timer(lambda: done.append(train.train_epoch(step, itertools.islice(loader, steps), steps,
-                                                                  progress=False)))
+            seconds = timer(lambda: done.append(loop.train_epoch(trainer, itertools.islice(loader, steps), steps,
+                                                                 progress=False)))
             if r:
                 rates.append(done[0][2] / seconds)  # images actually seen (an epoch's last batch is short)
         records.append(dict(task="train", model=name, device=device.type, backend=backend, variant=variant,

@@ -18,100 +18,19 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torchvision
-from tqdm import tqdm
 
 import data
+import loop
 import models
-from common import (METRICS, Diverged, UserError, check_at_least, check_out_dir, ci95, ci_text, defer_sigint,
+from common import (METRICS, UserError, check_at_least, check_out_dir, ci95, ci_text, defer_sigint,
                     device_name, get_device, git_commit, load_checkpoint, lock_run, one_line_errors, remove_run,
                     save_checkpoint, save_json, save_text, unlock_run)
 
 
-def seed_everything(seed, device):
-    """Seed torch and make its kernels deterministic; returns the data generator (data.generator).
-    Deterministic on CPU bit for bit; on CUDA cuBLAS is configured (common.py) and cuDNN picks
-    deterministic kernels, torch warns about any op without one; fp32 stays fp32 (no TF32)."""
-    torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.allow_tf32 = False
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    return data.generator(seed, device)
-
-
-# ------------------------------------------------------------------------ the training loop
-
-@dataclass
-class Step:
-    """What one training step needs besides the batch: the net to train (maybe compiled), its
-    optimizer and schedule ('batch' or 'epoch' steps), and the input format flags."""
-    net: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object = None
-    every: str = "epoch"
-    channels_last: bool = False
-    amp: bool = False
-
-
-SYNC_EVERY = 20  # steps between host syncs: on CUDA the CPU queues work ahead of the GPU in between
-
-
-def train_epoch(s, loader, steps, epoch=0, progress=True):
-    """One pass of Step `s` over `loader` (yielding (x, y)). Returns (mean loss, accuracy %, images).
-    Losses and hits stay on the device and are read every SYNC_EVERY steps, where a non-finite
-    loss raises Diverged naming the exact step it first appeared at."""
-    model, optimizer, scheduler = s.net, s.optimizer, s.scheduler
-    model.train()
-    dev = next(model.parameters()).device
-    fmt = torch.channels_last if s.channels_last else torch.contiguous_format
-    total_loss, correct, seen, window, sizes = 0.0, 0, 0, [], []
-    hits = torch.zeros((), dtype=torch.int64, device=dev)
-
-    def sync(step):
-        nonlocal total_loss, correct
-        losses = torch.stack(window).cpu().double()  # one per step since the last sync (MPS has no float64)
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            first = step - len(window) + 1 + int(bad[0])
-            raise Diverged(f"loss became {losses[int(bad[0])].item()} at epoch {epoch}, step {first}; "
-                           "stopped, the last good checkpoint is kept")
-        total_loss += float(losses @ torch.tensor(sizes, dtype=torch.float64))
-        correct = int(hits)
-        window.clear()
-        sizes.clear()
-
-    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}", leave=False, disable=not progress, dynamic_ncols=True)
-    step = 0
-    for step, (x, y) in enumerate(bar, 1):
-        x, y = x.to(dev, non_blocking=True).contiguous(memory_format=fmt), y.to(dev, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.amp):
-            out = model(x)
-        loss = F.nll_loss(out.float(), y)
-        loss.backward()
-        optimizer.step()
-        if scheduler is not None and s.every == "batch":
-            scheduler.step()
-        n = y.shape[0]
-        window.append(loss.detach())
-        sizes.append(n)
-        hits += (out.argmax(1) == y).sum()
-        seen += n
-        if step % SYNC_EVERY == 0:
-            sync(step)
-            if progress:
-                bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{100 * correct / seen:.2f}")
-    if window:
-        sync(step)
-    if scheduler is not None and s.every == "epoch":
-        scheduler.step()
-    return total_loss / seen, 100 * correct / seen, seen
-
+# ------------------------------------------------------------------------ the epoch's batches
 
 def make_loader(args, recipe, images, labels, gen, epoch):
     """Epoch `epoch`'s training batches for args.pipeline. The seed-style DataLoader is seeded from
@@ -306,7 +225,7 @@ def train(args, out, created):
     device = get_device(args.device)
     if args.amp:
         models.check_amp(device)
-    gen = seed_everything(args.seed, device)
+    gen = loop.seed_everything(args.seed, device)
 
     train_x, train_y = data.load("train", args.data_dir)
     test_x, test_y = data.load("test", args.data_dir)
@@ -324,7 +243,7 @@ def train(args, out, created):
     optimizer = models.build_optimizer(recipe, model, args.lr)
     steps = math.ceil(len(train_y) / args.batch_size)
     scheduler, every = models.build_schedule(recipe, optimizer, args.epochs, steps, args.lr)
-    step = Step(net, optimizer, scheduler, every, args.channels_last, args.amp)
+    trainer = loop.Trainer(net, optimizer, scheduler, every, args.channels_last, args.amp)
 
     history, best_acc, best_epoch, start = [], -1.0, 0, 1
     if ckpt:
@@ -350,7 +269,7 @@ def train(args, out, created):
         lr = optimizer.param_groups[0]["lr"]
         loader = make_loader(args, recipe, train_x, train_y, gen, epoch)
         t0 = time.time()
-        train_loss, train_acc, seen = train_epoch(step, loader, steps, epoch, progress=not args.no_progress)
+        train_loss, train_acc, seen = loop.train_epoch(trainer, loader, steps, epoch, progress=not args.no_progress)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.time() - t0

@@ -11,6 +11,7 @@ from torchvision.transforms import InterpolationMode
 import artifacts
 import common
 import data
+import loop
 import models
 import train
 
@@ -30,16 +31,16 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path, mnist_dir, device, mo
     seed does (metrics and weights): two runs, one seed, the same numbers, across a resume; another
     seed gives other numbers."""
     _, a = short_run(tmp_path, mnist_dir, device, "a")
-    real = train.train_epoch
+    real = loop.train_epoch
 
     def stop_in_epoch_2(step, loader, steps, epoch=0, progress=True):
         if epoch == 2:
             raise KeyboardInterrupt
         return real(step, loader, steps, epoch, progress)
-    monkeypatch.setattr(train, "train_epoch", stop_in_epoch_2)
+    monkeypatch.setattr(loop, "train_epoch", stop_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         short_run(tmp_path, mnist_dir, device, "c")
-    monkeypatch.setattr(train, "train_epoch", real)
+    monkeypatch.setattr(loop, "train_epoch", real)
     train.run(train.parse_args(["--resume", str(tmp_path / "c"), "--data-dir", mnist_dir, "--no-progress"]))
     cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]
     rows = [[[r[k] for k in cols] for r in common.read_metrics(str(f))] for f in (a, tmp_path / "c")]
@@ -94,7 +95,7 @@ def test_training_step_never_waits_for_the_device(mnist_dir, device):
         recipe = models.RECIPES[name]
         model, net = models.build(recipe, dev)
         opt = models.build_optimizer(recipe, model)
-        step = train.Step(net, opt)
+        step = loop.Trainer(net, opt)
         loader = data.batches(x[:512].to(dev), y[:512].to(dev), 32, recipe["augment"], data.generator(0, dev))
         torch.tensor = spy
         try:
@@ -102,8 +103,8 @@ def test_training_step_never_waits_for_the_device(mnist_dir, device):
                 torch.cuda.set_sync_debug_mode("warn")
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                train.train_epoch(step, (b for _, b in zip(range(train.SYNC_EVERY - 1), loader)),
-                                  train.SYNC_EVERY - 1, progress=False)
+                loop.train_epoch(step, (b for _, b in zip(range(loop.SYNC_EVERY - 1), loader)),
+                                 loop.SYNC_EVERY - 1, progress=False)
         finally:
             torch.tensor = real
             if device == "cuda":

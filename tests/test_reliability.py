@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import loop
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,7 +169,7 @@ def poison_loss(monkeypatch, first_bad_step):
             if len(calls) >= first_bad_step:
                 return loss * float("nan")
         return loss
-    monkeypatch.setattr(train.F, "nll_loss", poisoned)
+    monkeypatch.setattr(loop.F, "nll_loss", poisoned)
 
 
 def nan_run(tmp_path, mnist_dir, *extra):
@@ -188,7 +189,7 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, mnist_dir
 
 
 def test_nan_between_host_syncs_names_its_exact_step(tmp_path, mnist_dir, monkeypatch):
-    """Losses are read every train.SYNC_EVERY steps; a NaN in between still names the step it hit."""
+    """Losses are read every loop.SYNC_EVERY steps; a NaN in between still names the step it hit."""
     poison_loss(monkeypatch, 23)  # 32 steps per epoch (256 images, batch 8): epoch 1, step 23
     with pytest.raises(common.Diverged, match="at epoch 1, step 23; stopped"):
         train.run(nan_run(tmp_path, mnist_dir, "--batch-size", "8", "--epochs", "1"))

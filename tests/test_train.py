@@ -6,6 +6,7 @@ import torch
 
 import common
 import data
+import loop
 import models
 import train
 
@@ -119,7 +120,7 @@ def test_compile_trains_the_models_own_weights(mnist_dir):
         before = {k: v.clone() for k, v in model.state_dict().items()}
         opt = models.build_optimizer(recipe, model)
         batches = data.batches(x[:128], y[:128], 128, {}, torch.Generator().manual_seed(0))
-        loss = train.train_epoch(train.Step(net, opt), batches, 1, progress=False)[0]
+        loss = loop.train_epoch(loop.Trainer(net, opt), batches, 1, progress=False)[0]
         got.append((loss, before, {k: v.clone() for k, v in model.state_dict().items()}))
     (le, _, eager), (lc, before, comp) = got
     assert abs(le - lc) < 1e-5                                            # the same forward pass
