@@ -4,7 +4,7 @@
     python predict.py digit.png --artifact exports/bn_gap.onnx --json
     python predict.py --serve                           # http://127.0.0.1:8000: draw or upload a digit
 
-Every picture goes through data.to_mnist, MNIST's own preprocessing (greyscale, ink polarity,
+Every picture goes through digit.to_mnist, MNIST's own preprocessing (greyscale, ink polarity,
 background and lighting removed, digit scaled into 20x20 and centred by its centre of mass in 28x28),
 so a photo of dark ink on paper is seen the way the models were trained. An image already in MNIST's
 form passes unchanged. The server is the standard library's http.server: no extra dependency.
@@ -24,7 +24,7 @@ from PIL import Image
 
 import artifacts
 import common
-import data
+import digit
 import models
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -106,7 +106,7 @@ def run_files(args, classify):
     names, images = [], []
     for f in files:
         try:
-            images.append(data.to_mnist(data.open_image(f)))
+            images.append(digit.to_mnist(digit.open_image(f)))
             names.append(f)
         except (common.UserError, OSError) as e:
             problems.append(f)
@@ -154,7 +154,7 @@ def make_server(host, port, classify, info):
                 self.close_connection = True   # the unread body stays in the socket
                 return self.reply(413, {"error": f"the image is over {MAX_BODY // 2 ** 20} MB; send a smaller one"})
             try:
-                image = data.to_mnist(data.open_image(self.rfile.read(int(size))))
+                image = digit.to_mnist(digit.open_image(self.rfile.read(int(size))))
             except common.UserError as e:
                 return self.reply(400, {"error": f"request body: {e}"})
             with lock:

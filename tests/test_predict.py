@@ -1,4 +1,4 @@
-"""predict.py and data.to_mnist: synthetic photos of real test digits with every shipped model, the
+"""predict.py and digit.to_mnist: synthetic photos of real test digits with every shipped model, the
 identity case, image formats, every bad input, the server's endpoints, and the drawing page driven in
 a real headless Chromium.
 
@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import data  # noqa: E402
+import digit  # noqa: E402
 import models  # noqa: E402
 import predict  # noqa: E402
 
@@ -83,7 +84,7 @@ def photos(test_set):
     x, y = test_set
     rng = np.random.default_rng(0)
     raw = [photo(d, rng) for d in x[:N_PHOTOS].numpy()]
-    return raw, torch.stack([data.to_mnist(data.open_image(r)) for r in raw]), y[:N_PHOTOS]
+    return raw, torch.stack([digit.to_mnist(digit.open_image(r)) for r in raw]), y[:N_PHOTOS]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def accuracy(logp, labels):
 
 def test_synthetic_photos_score_like_mnist_with_every_shipped_model(photos, test_set):
     raw, seen, labels = photos
-    plain = torch.stack([torch.from_numpy(np.array(data.open_image(r).convert("L").resize((28, 28)))) for r in raw])
+    plain = torch.stack([torch.from_numpy(np.array(digit.open_image(r).convert("L").resize((28, 28)))) for r in raw])
     for name in models.RECIPES:
         model = models.from_checkpoint(common.load_checkpoint(pretrained(name)))
         got, mnist = accuracy(models.log_probs(model, seen), labels), accuracy(models.log_probs(model, test_set[0][:N_PHOTOS]), labels)
@@ -111,8 +112,8 @@ def test_synthetic_photos_score_like_mnist_with_every_shipped_model(photos, test
 
 def test_mnist_test_images_pass_unchanged(test_set):
     x, _ = test_set
-    assert torch.equal(torch.stack([data.to_mnist(Image.fromarray(a)) for a in x.numpy()]), x)
-    assert torch.equal(data.to_mnist(Image.fromarray(x[0].numpy()).convert("RGB")), x[0])
+    assert torch.equal(torch.stack([digit.to_mnist(Image.fromarray(a)) for a in x.numpy()]), x)
+    assert torch.equal(digit.to_mnist(Image.fromarray(x[0].numpy()).convert("RGB")), x[0])
 
 
 def variants(digit):
@@ -141,10 +142,10 @@ def test_image_formats_and_modes(test_set, classifier):
     x, y = test_set
     classify, _ = classifier
     for i in range(3):
-        digit = x[i].numpy()
-        for what, raw in variants(digit):
-            seen = data.to_mnist(data.open_image(raw))
-            corr = np.corrcoef(seen.numpy().ravel().astype(float), digit.ravel().astype(float))[0, 1]
+        original = x[i].numpy()
+        for what, raw in variants(original):
+            seen = digit.to_mnist(digit.open_image(raw))
+            corr = np.corrcoef(seen.numpy().ravel().astype(float), original.ravel().astype(float))[0, 1]
             assert corr > 0.7, f"digit {i}, {what}: correlation {corr:.2f} with the MNIST original"
             assert classify(seen[None])[0].argmax() == y[i], f"digit {i}, {what}"
 
@@ -154,7 +155,7 @@ def test_thin_pen_strokes_are_made_bold(test_set, classifier):
     x, y = test_set
     thin = [Image.fromarray(x[i].numpy()).resize((280, 280), Image.BICUBIC).filter(ImageFilter.MinFilter(7))
             .filter(ImageFilter.MinFilter(7)) for i in range(40)]
-    seen = torch.stack([data.to_mnist(Image.fromarray(255 - np.asarray(t))) for t in thin])
+    seen = torch.stack([digit.to_mnist(Image.fromarray(255 - np.asarray(t))) for t in thin])
     assert seen.float().mean() > 0.65 * x[:40].float().mean()   # without widening: 0.48
     assert (classifier[0](seen).argmax(1) == y[:40].numpy()).mean() >= 0.975   # without widening: 0.95
 
@@ -286,7 +287,7 @@ def test_server_page_and_prediction(server, photos):
     assert status == 200 and kind == "application/json"
     assert r["prediction"] == int(labels[0]) and len(r["probabilities"]) == 10 and r["model"] == "bn_gap"
     seen = Image.open(io.BytesIO(base64.b64decode(r["image"].split(",", 1)[1])))
-    assert seen.size == (28, 28) and np.array_equal(np.array(seen), data.to_mnist(data.open_image(raw[0])).numpy())
+    assert seen.size == (28, 28) and np.array_equal(np.array(seen), digit.to_mnist(digit.open_image(raw[0])).numpy())
 
 
 def test_server_refuses_bad_bodies_and_keeps_serving(server):
@@ -440,11 +441,11 @@ def figure(path, mnist_dir=None, n=8):
     draw.text((pad, 2 * pad + cell + cell // 2), "model input", fill="black")
     for i in range(n):
         raw = photo(x[i].numpy(), rng)
-        img = data.open_image(raw).convert("RGB")
+        img = digit.open_image(raw).convert("RGB")
         img.thumbnail((cell, cell))
         left = 90 + pad + i * (cell + pad)
         sheet.paste(img, (left + (cell - img.width) // 2, pad + (cell - img.height) // 2))
-        seen = Image.fromarray(data.to_mnist(data.open_image(raw)).numpy()).resize((cell, cell), Image.NEAREST)
+        seen = Image.fromarray(digit.to_mnist(digit.open_image(raw)).numpy()).resize((cell, cell), Image.NEAREST)
         sheet.paste(seen, (left, 2 * pad + cell))
     common.atomic_write(path, lambda f: sheet.quantize(256).save(f, "PNG", optimize=True))
 
