@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ import torch.nn as nn
 
 import data
 import models
-from common import UserError, atomic_write, first_line, json_text, read_json_dict, save_text
+from common import (UserError, atomic_write, find_checkpoint, first_line, json_text, load_checkpoint,
+                    read_json_dict, save_text)
 
 # TorchScript is deprecated in favour of torch.export, but it is a format this project ships.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
@@ -344,3 +346,53 @@ def log_probs(artifact, images, batch_size=1000, trust_code=False):
     x = data.to_unit(images).numpy()
     return torch.from_numpy(np.concatenate([run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]))
 
+
+
+# ---------------------------------------------------------------------- one path for both
+
+@dataclass
+class Classifier:
+    """A checkpoint or an exported file as one thing: call it on uint8 images [N, 28, 28] for their
+    log-probabilities [N, 10] (torch, CPU). kind: 'checkpoint' or the export format; test_acc: the test
+    accuracy recorded with it (%, None if it records none); ckpt: the checkpoint dict (checkpoints only)."""
+    log_probs: object
+    model: str
+    source: str
+    kind: str
+    test_acc: float = None
+    metadata: dict = field(default_factory=dict)
+    ckpt: dict = None
+
+    def __call__(self, images, batch_size=1000):
+        return self.log_probs(images, batch_size)
+
+
+def is_export(path):
+    return any(path.endswith(suffix) for suffix in FORMATS.values())
+
+
+def classifier(source, trust_code=False, device="cpu", model_name=None, kind=None):
+    """The Classifier of `source`: a file export.py wrote (by its suffix, under the trust rule), a
+    checkpoint train.py wrote, or a registry name (its runs/<model>/latest/best.pt, else pretrained/).
+    kind 'artifact' or 'checkpoint' reads it as that whatever its name (the scripts' --artifact and
+    --checkpoint); device is where a checkpoint's model runs."""
+    if kind is None and source in models.RECIPES and not os.path.exists(source):
+        source = find_checkpoint(source)
+    if kind == "artifact" or kind is None and is_export(source):
+        run = load(source, trust_code)
+        meta = run.metadata
+        return Classifier(lambda x, batch_size: log_probs(run, x, batch_size), meta.get("model", "?"), source, format_of(source),
+                          recorded_accuracy(meta.get("test_acc")), meta)
+    ckpt = load_checkpoint(source, model_name)
+    model = models.from_checkpoint(ckpt).to(device)
+    return Classifier(lambda x, batch_size: models.log_probs(model, x, batch_size), ckpt["model_name"], source, "checkpoint",
+                      ckpt["test_acc"], ckpt=ckpt)
+
+
+def recorded_accuracy(text):
+    """An export's metadata test_acc ('99.53') as a number, None when it is not a percentage."""
+    try:
+        acc = float(text)
+    except (TypeError, ValueError):
+        return None
+    return acc if 0 <= acc <= 100 else None

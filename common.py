@@ -269,11 +269,33 @@ def ci95(correct, n):
     rounded to 2 decimals (scipy.stats.binomtest(...).proportion_ci(method="wilson"))."""
     from scipy.stats import binomtest
     ci = binomtest(int(correct), int(n)).proportion_ci(0.95, method="wilson")
-    return [round(100 * ci.low, 2), round(100 * ci.high, 2)]
+    return [round(100 * float(ci.low), 2), round(100 * float(ci.high), 2)]
 
 
 def ci_text(ci):
     return f"95% CI {ci[0]:.2f}-{ci[1]:.2f}"
+
+
+def paired(a_right, b_right):
+    """Two models' right/wrong on the same images (bool tensors or arrays): the 2x2 table and the
+    exact McNemar test, i.e. the two-sided binomial test (p = 1/2) on the discordant pairs."""
+    from scipy.stats import binomtest
+    a_right, b_right = [bool(v) for v in a_right], [bool(v) for v in b_right]
+    table = dict(both_right=sum(a and b for a, b in zip(a_right, b_right)),
+                 only_a_wrong=sum(b and not a for a, b in zip(a_right, b_right)),
+                 only_b_wrong=sum(a and not b for a, b in zip(a_right, b_right)),
+                 both_wrong=sum(not a and not b for a, b in zip(a_right, b_right)))
+    discordant = table["only_a_wrong"] + table["only_b_wrong"]
+    p = binomtest(table["only_a_wrong"], discordant).pvalue if discordant else 1.0
+    return dict(table, mcnemar_p=float(p))
+
+
+def verdict(t, a="A", b="B", level=0.05):
+    """One line on a paired() result: which is better at `level`, or no significant difference."""
+    if t["mcnemar_p"] < level:
+        better, worse = (b, a) if t["only_a_wrong"] > t["only_b_wrong"] else (a, b)
+        return f"{better} is better than {worse} at the {level:.0%} level (exact McNemar p = {t['mcnemar_p']:.3g})"
+    return f"no significant difference at the {level:.0%} level (exact McNemar p = {t['mcnemar_p']:.3g})"
 
 
 # ------------------------------------------------------------------------- checkpoints
@@ -341,6 +363,15 @@ def load_checkpoint(path, model_name=None, training_state=False):
         if not ok:
             raise UserError(f"{path} has no training state to resume from (is it a copy of best.pt?)")
     return ckpt
+
+
+def make_checkpoint(model_name, weights, epoch, test_acc, params, **more):
+    """The checkpoint format load_checkpoint reads, made in this one place for train.py (best.pt; last.pt
+    is it plus the training state), reproduce.py (pretrained/) and bench.py: the recipe name, its
+    weights (a state dict, as CPU tensors), the epoch and test accuracy (%) they were taken at, the
+    parameter count, then any `more` fields (best.pt's val_acc)."""
+    return dict(model_name=model_name, model={k: v.cpu() for k, v in weights.items()}, epoch=epoch,
+                test_acc=test_acc, params=params, **more)
 
 
 def find_checkpoint(model_name, checkpoint=None):

@@ -26,8 +26,8 @@ from sklearn.metrics import classification_report, confusion_matrix  # noqa: E40
 import artifacts  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
-from common import (METRICS, UserError, check_out_dir, find_checkpoint, get_device, is_number, json_text,  # noqa: E402
-                    load_checkpoint, one_line_errors, read_json_dict, read_metrics, replace_all)
+from common import (METRICS, UserError, check_out_dir, ci95, ci_text, find_checkpoint, get_device,  # noqa: E402
+                    is_number, json_text, one_line_errors, read_json_dict, read_metrics, replace_all)
 
 DIGITS = list(range(10))
 
@@ -37,12 +37,13 @@ def report(labels, logp):
     y, pred = labels.numpy(), logp.argmax(1).numpy()
     cls = classification_report(y, pred, labels=DIGITS, digits=4, output_dict=True, zero_division=0)
     cm = confusion_matrix(y, pred, labels=DIGITS)
-    correct = int((pred == y).sum())
+    loss, correct, accuracy = models.score(logp, labels)
     return {
         "images": len(y),
         "correct": correct,
-        "accuracy": round(100 * correct / len(y), 2),
-        "test_loss": round(float(torch.nn.functional.nll_loss(logp, labels)), 6),
+        "accuracy": accuracy,
+        "accuracy_ci95": ci95(correct, len(y)),
+        "test_loss": round(loss, 6),
         "per_class": {str(d): {"precision": cls[str(d)]["precision"], "recall": cls[str(d)]["recall"],
                                "f1": cls[str(d)]["f1-score"], "support": int(cls[str(d)]["support"]),
                                "accuracy": round(100 * cm[d, d] / max(cm[d].sum(), 1), 2)} for d in DIGITS},
@@ -61,7 +62,8 @@ def report_text(r):
         a = r[name]
         lines.append(f"{name.replace('_', ' '):>12} {a['precision']:10.4f} {a['recall']:10.4f} {a['f1']:10.4f} "
                      f"{int(a['support']):8d}")
-    lines.append(f"{'accuracy':>12} {r['correct']}/{r['images']} = {r['accuracy']:.2f}%   test loss {r['test_loss']:.4f}")
+    lines.append(f"{'accuracy':>12} {r['correct']}/{r['images']} = {r['accuracy']:.2f}% "
+                 f"({ci_text(r['accuracy_ci95'])}, Wilson)   test loss {r['test_loss']:.4f}")
     return "\n".join(lines)
 
 
@@ -148,10 +150,15 @@ def render_html(title, r, source, name, summary, metrics_rows, pngs):
     img = {k: f'<img alt="{k}" src="data:image/png;base64,{base64.b64encode(v).decode()}">' for k, v in pngs.items()}
     parts = [f"<h1>{html.escape(title)}</h1>",
              "<h2>Result</h2>",
-             table([["test accuracy (this evaluation)", f"{r['accuracy']:.2f}% ({r['correct']}/{r['images']})"],
+             table([["test accuracy (this evaluation)", f"{r['accuracy']:.2f}% ({r['correct']}/{r['images']}; "
+                     f"{ci_text(r['accuracy_ci95'])}, Wilson)"],
                     ["test loss", f"{r['test_loss']:.4f}"],
-                    ["best test accuracy (training run)", f"{summary['best_test_acc']:.2f}% at epoch "
-                     f"{summary['best_epoch']}" if summary else "-"],
+                    ["best test accuracy (training run: the highest over epochs, optimistic)",
+                     f"{summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}" if summary else "-"],
+                    *([["test accuracy at the epoch chosen on validation (training run)",
+                        f"{summary['val_chosen_test_acc']:.2f}% at epoch {summary['val_chosen_epoch']} "
+                        f"({summary['val_images']:,} validation images)"]]
+                      if summary and is_number(summary.get("val_chosen_test_acc")) else []),
                     ["documented by the seed", f"{doc.get('best_test_acc')}% at epoch {doc.get('best_epoch')}"
                      + (f" ({doc['notes']})" if doc.get("notes") else "")],
                     ["source", source]])]
@@ -206,18 +213,14 @@ def run_record(run_dir):
 def evaluate(source_path, kind, out, data_dir, device, trust_code=False):
     """kind: 'checkpoint' or 'artifact'. Writes the report files into `out` as one set (the old set
     stays whole until the new one is complete), returns the report dict."""
-    run_dir, summary, rows, recorded = None, None, [], None
-    if kind == "artifact":
-        run = artifacts.load(source_path, trust_code)
-        name = run.metadata.get("model", "?")
-    else:
-        ckpt = load_checkpoint(source_path)
-        name, recorded = ckpt["model_name"], ckpt["test_acc"]
-        model = models.from_checkpoint(ckpt).to(device)
-        run_dir = run_folder(source_path)
+    summary, rows = None, []
+    clf = artifacts.classifier(source_path, trust_code, device, kind=kind)
+    name = clf.model
+    recorded = clf.test_acc if clf.kind == "checkpoint" else None
+    run_dir = run_folder(source_path) if clf.kind == "checkpoint" else None
     images, labels = data.load("test", data_dir)
     check_out_dir(out, "--out")
-    logp = artifacts.log_probs(run, images) if kind == "artifact" else models.log_probs(model, images)
+    logp = clf(images)
     if not bool(torch.isfinite(logp).all()):
         raise UserError(f"{source_path} gives NaN or infinite log-probabilities")
     r = report(labels, logp)

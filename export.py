@@ -23,8 +23,8 @@ from common import (UserError, check_out_dir, check_positive, find_checkpoint, f
 
 def verify(path, reference, images, labels, tolerance):
     """Compare an exported file with the PyTorch log-probabilities on every test image."""
-    run = artifacts.load(path, trust_code=True)  # our own file, written a moment ago
-    got = artifacts.log_probs(run, images)
+    run = artifacts.classifier(path, trust_code=True)  # our own file, written a moment ago
+    got = run(images)
     same = int((got.argmax(1) == reference.argmax(1)).sum())
     diff = float((got - reference).abs().max())
     figures = dict(same_predictions=same, images=len(reference), max_abs_diff=diff, batch1_max_abs_diff=None,
@@ -34,7 +34,7 @@ def verify(path, reference, images, labels, tolerance):
     old = torch.get_num_threads()
     torch.set_num_threads(1)  # single images gain nothing from threads, and on a busy machine lose 10x or more
     try:
-        single = artifacts.log_probs(run, images, batch_size=1)  # every image again at batch 1
+        single = run(images, batch_size=1)  # every image again at batch 1
     finally:
         torch.set_num_threads(old)
     same1 = int((single.argmax(1) == reference.argmax(1)).sum())

@@ -13,6 +13,11 @@ def test_report_numbers_on_a_hand_checked_case():
     logp = torch.log_softmax(torch.nn.functional.one_hot(pred, 10).float() * 5, 1)
     r = evaluate.report(labels, logp)
     assert (r["correct"], r["accuracy"]) == (7, 70.0)
+    # the 95% Wilson interval, by its closed form: (p + z^2/2n +- z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
+    z, n, p = 1.959963984540054, 10, 0.7
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    assert r["accuracy_ci95"] == [round(100 * (p + z * z / (2 * n) + s * half) / (1 + z * z / n), 2) for s in (-1, 1)]
+    assert r["accuracy_ci95"] == [39.68, 89.22]
     c0, c1, c2 = (r["per_class"][d] for d in "012")
     assert (c0["precision"], c0["recall"], c0["support"]) == (0.75, 0.75, 4)       # 3 of 4 predicted 0 are 0
     assert (c1["precision"], c1["recall"]) == (2 / 3, 2 / 3)
@@ -27,6 +32,8 @@ def test_report_numbers_on_a_hand_checked_case():
 def test_checkpoint_report_matches_training_and_html_embeds_images(trained, mnist_dir):
     r = evaluate.evaluate(str(trained / "best.pt"), "checkpoint", str(trained), mnist_dir, torch.device("cpu"))
     assert r["accuracy"] == r["recorded_accuracy"] == json.loads((trained / "summary.json").read_text())["best_test_acc"]
+    assert json.loads((trained / "report.json").read_text())["accuracy_ci95"] == r["accuracy_ci95"]
+    assert r["accuracy_ci95"][0] < r["accuracy"] < r["accuracy_ci95"][1]
     page = (trained / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3           # curves, confusion matrix, mistakes
     assert "src=\"http" not in page and "<link" not in page     # self-contained

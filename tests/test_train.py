@@ -154,3 +154,29 @@ def test_resume_refuses_another_device(trained):
     args = train.parse_args(["--resume", str(trained), "--device", "cpu"])
     with pytest.raises(common.UserError, match="was trained on cuda; resume it there"):
         train.resume_args(args, ckpt, str(trained))
+
+
+def test_val_chooses_best_pt_and_summary_keeps_both_figures(tmp_path, mnist_dir, monkeypatch):
+    """--val: scripted validation accuracies 50, 70, 60 and test accuracies 80, 60, 90. best.pt is
+    epoch 2's (validation's maximum), not epoch 3's (the test maximum); summary.json gives the honest
+    figure (60%, epoch 2) beside the seeds' optimistic one (90%, epoch 3), each with its interval."""
+    accs = iter([50.0, 80.0, 70.0, 60.0, 60.0, 90.0])   # per epoch: validation, then test
+    real_score = models.score
+    monkeypatch.setattr(models, "score", lambda logp, y: (*real_score(logp, y)[:2], next(accs)))
+    monkeypatch.setattr(models, "log_probs", lambda model, images: torch.zeros(len(images), 10))
+    summary, out = run(tmp_path, mnist_dir, "--epochs", "3", "--subset", "128", "--val", "300")
+    assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
+    s = json.loads((out / "summary.json").read_text())
+    assert s == summary and s["val_images"] == 300 and s["checkpoint_chosen_by"] == "validation"
+    assert (s["val_chosen_epoch"], s["val_chosen_val_acc"], s["val_chosen_test_acc"]) == (2, 70.0, 60.0)
+    assert (s["best_test_acc"], s["best_epoch"]) == (90.0, 3)
+    assert s["val_chosen_test_acc_ci95"] == common.ci95(6000, 10000) and s["best_test_acc_ci95"] == common.ci95(9000, 10000)
+    assert [r["val_acc"] for r in rows(out)] == ["50.0", "70.0", "60.0"]
+
+
+def test_val_split_is_fixed_disjoint_and_the_same_for_every_seed():
+    keep, held = data.split_val(5000)
+    assert len(held) == 5000 and len(keep) == 55000 and len(set(keep.tolist()) | set(held.tolist())) == 60000
+    assert torch.equal(held, data.split_val(5000)[1])                        # a fixed choice
+    assert torch.equal(keep, keep.sort().values) and torch.equal(data.split_val(0)[0], torch.arange(60000))
+    assert set(data.split_val(1000)[1].tolist()) <= set(held.tolist())      # smaller splits nest in larger ones
