@@ -37,7 +37,7 @@ import data
 import loop
 import models
 from common import (check_at_least, check_out_file, device_name, devices_present, first_line, get_device,
-                    git_commit, load_checkpoint, one_line_errors, save_checkpoint, save_json)
+                    git_commit, load_checkpoint, make_checkpoint, one_line_errors, save_checkpoint, save_json)
 
 NOISY = 0.2  # a figure whose timed repeats spread by more than this share of their median is flagged
 
@@ -181,7 +181,7 @@ def inference_backends(name, device, tmp, wanted, progress=lambda what: None):
     aoti an AOTInductor package compiled for `device`."""
     from torch._inductor import aoti_load_package
     model = models.build_model(name).eval()
-    ckpt = dict(model_name=name, model=model.state_dict(), test_acc=0.0, epoch=0)
+    ckpt = make_checkpoint(name, model.state_dict(), 0, 0.0, models.n_params(model))
     meta = artifacts.metadata(ckpt)
     cpu_module = artifacts.Exportable(model).eval()
     provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"

@@ -129,7 +129,7 @@ def train_set_accuracy(ckpt_path, data_dir, device):
 def publish_pretrained(name, seed):
     ckpt = common.load_checkpoint(os.path.join(run_dir(name, seed), "best.pt"))
     os.makedirs("pretrained", exist_ok=True)
-    keep = {k: ckpt[k] for k in ("model_name", "model", "epoch", "test_acc", "params")}
+    keep = common.make_checkpoint(ckpt["model_name"], ckpt["model"], ckpt["epoch"], ckpt["test_acc"], ckpt["params"])
     common.save_checkpoint(keep, os.path.join("pretrained", name + ".pt"))
 
 

@@ -26,8 +26,8 @@ import data
 import loop
 import models
 from common import (METRICS, UserError, check_at_least, check_out_dir, ci95, ci_text, defer_sigint,
-                    device_name, get_device, git_commit, load_checkpoint, lock_run, one_line_errors, remove_run,
-                    save_checkpoint, save_json, save_text, unlock_run)
+                    device_name, get_device, git_commit, load_checkpoint, lock_run, make_checkpoint, one_line_errors,
+                    remove_run, save_checkpoint, save_json, save_text, unlock_run)
 
 
 # ------------------------------------------------------------------------ the epoch's batches
@@ -289,8 +289,7 @@ def train(args, out, created):
         is_best = chosen_by > best_acc
         if is_best:
             best_acc, best_epoch = chosen_by, epoch
-        state = dict(model_name=args.model, model={k: v.cpu() for k, v in model.state_dict().items()},
-                     epoch=epoch, test_acc=test_acc, params=n_params, val_acc=val_acc)
+        state = make_checkpoint(args.model, model.state_dict(), epoch, test_acc, n_params, val_acc=val_acc)
         training = dict(optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict() if scheduler is not None else None,
                         rng=rng_state(device, gen), history=history, best_acc=best_acc, best_epoch=best_epoch,
