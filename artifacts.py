@@ -26,8 +26,8 @@ import torch.nn as nn
 
 import data
 import models
-from common import (UserError, atomic_write, find_checkpoint, first_line, json_text, load_checkpoint,
-                    read_json_dict, save_text)
+from common import (UserError, find_checkpoint, first_line, json_text, load_checkpoint, read_json_dict, save_text,
+                    write_synced)
 
 # TorchScript is deprecated in favour of torch.export, but it is a format this project ships.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
@@ -92,6 +92,8 @@ def metadata(ckpt):
 
 
 # ------------------------------------------------------------------------------ writing
+# Each writer writes `path` itself, once: export.py hands it a staged name (the format's suffix kept),
+# verifies it and renames it into place; bench.py writes into a temporary folder.
 
 def write_onnx(module, path, meta, opset):
     """ONNX at exactly `opset` (torch's exporter may produce another one: that is refused)."""
@@ -108,7 +110,7 @@ def write_onnx(module, path, meta, opset):
         raise UserError(f"the ONNX exporter produced opset {got}, not the asked {opset}; use --opset {got}")
     onnx.helper.set_model_props(proto, meta)
     onnx.checker.check_model(proto, full_check=True)
-    atomic_write(path, lambda f: f.write(proto.SerializeToString()), suffix=".onnx")
+    write_synced(path, lambda f: f.write(proto.SerializeToString()))
 
 
 @contextlib.contextmanager
@@ -129,8 +131,7 @@ def quiet_stderr():
 
 def write_torchscript(module, path, meta):
     scripted = torch.jit.script(module)
-    atomic_write(path, lambda f: torch.jit.save(scripted, f, _extra_files={"metadata.json": json.dumps(meta)}),
-                 suffix=".torchscript.pt")
+    write_synced(path, lambda f: torch.jit.save(scripted, f, _extra_files={"metadata.json": json.dumps(meta)}))
 
 
 def exported_program(module, device="cpu"):
@@ -146,8 +147,7 @@ def exported_program(module, device="cpu"):
 
 def write_pt2(module, path, meta):
     program = exported_program(module)
-    atomic_write(path, lambda f: torch.export.save(program, f, extra_files={"metadata.json": json.dumps(meta)}),
-                 suffix=".pt2")
+    write_synced(path, lambda f: torch.export.save(program, f, extra_files={"metadata.json": json.dumps(meta)}))
 
 
 def check_cxx():
@@ -171,7 +171,7 @@ def write_aoti(module, path, meta, device="cpu"):
     def write(f):
         with torch.no_grad():  # else inductor skips freezing (torch/_inductor/compile_fx.py)
             aoti_compile_and_package(program, package_path=f, inductor_configs=configs)
-    atomic_write(path, write, suffix=".aoti.pt2")
+    write_synced(path, write)
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -87,14 +87,19 @@ def tmp_path(path, suffix=""):
     return f"{path}.{os.getpid()}.tmp{suffix}"
 
 
-def atomic_write(path, write, suffix=""):
+def write_synced(path, write):
+    """Call write(f) on `path` opened for writing, then flush and fsync it (no rename: see atomic_write)."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path, write):
     """Call write(f) on a temp file beside `path`, fsync it, then rename it over `path`."""
-    tmp = tmp_path(path, suffix)
+    tmp = tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        write_synced(tmp, write)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -195,10 +200,7 @@ def replace_all(files):
     try:
         for path, blob in files.items():
             tmps[path] = tmp_path(path)
-            with open(tmps[path], "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmps[path], lambda f, b=blob: f.write(b))
         with defer_sigint():
             for path, tmp in tmps.items():
                 os.replace(tmp, path)

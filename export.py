@@ -11,6 +11,7 @@ agree within --tolerance; then its sha256 goes into the output folder's manifest
 """
 import argparse
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -43,35 +44,57 @@ def verify(path, reference, images, labels, tolerance):
                 ok=same1 == len(reference) and diff1 <= tolerance)
 
 
-def export(ckpt, fmt, out_dir, opset, data_dir, tolerance, device="cpu"):
-    """Export, verify, keep, record in the manifest. Returns (path, figures); raises UserError on a mismatch.
-    `device` is where an AOTInductor package is compiled for (the other formats are device-free)."""
-    name = ckpt["model_name"]
+@dataclass
+class Source:
+    """One checkpoint made ready for every format, once: the module to export (normalisation in front),
+    the metadata each file carries, and the test set with PyTorch's log-probabilities on it."""
+    ckpt: dict
+    module: torch.nn.Module
+    meta: dict
+    images: torch.Tensor
+    labels: torch.Tensor
+    reference: torch.Tensor
+
+
+def source(ckpt, data_dir):
     model = models.from_checkpoint(ckpt)
-    module = artifacts.Exportable(model).eval()
     images, labels = data.load("test", data_dir)
-    reference = models.log_probs(model, images)
+    return Source(ckpt, artifacts.Exportable(model).eval(), artifacts.metadata(ckpt), images, labels,
+                  models.log_probs(model, images))
+
+
+def export(ckpt, fmt, out_dir, opset, data_dir, tolerance, device="cpu"):
+    """One format of `ckpt`: export_verified from a Source of its own. Returns (path, figures)."""
+    src = source(ckpt, data_dir)
     check_out_dir(out_dir, "--out")
+    return export_verified(src, fmt, out_dir, opset, tolerance, device)
+
+
+def export_verified(src, fmt, out_dir, opset, tolerance, device="cpu"):
+    """Export, verify, keep, record in the manifest. Returns (path, figures); raises UserError on a mismatch.
+    The writer writes the staged file itself (its name keeps the format's suffix, which loaders go by),
+    and only a verified one is renamed into place. `device` is where an AOTInductor package is compiled
+    for (the other formats are device-free)."""
+    name = src.ckpt["model_name"]
     suffix = artifacts.FORMATS[fmt]
     path = os.path.join(out_dir, name + suffix)
-    staged = tmp_path(path, suffix)  # the suffix tells loaders the format
-    meta = artifacts.metadata(ckpt)
+    staged = tmp_path(path, suffix)
     try:
         try:
             if fmt == "onnx":
-                artifacts.write_onnx(module, staged, meta, opset)
+                artifacts.write_onnx(src.module, staged, src.meta, opset)
             elif fmt == "torchscript":
-                artifacts.write_torchscript(module, staged, meta)
+                artifacts.write_torchscript(src.module, staged, src.meta)
             elif fmt == "pt2":
-                artifacts.write_pt2(module, staged, meta)
+                artifacts.write_pt2(src.module, staged, src.meta)
             else:
-                artifacts.write_aoti(module, staged, meta, str(device))
+                artifacts.write_aoti(src.module, staged, src.meta, str(device))
         except (UserError, OSError, KeyboardInterrupt):
             raise
         except Exception as e:  # torch's exporters raise their own kinds, with pages of detail
             raise UserError(f"{fmt} export of {name} failed in torch's exporter ({type(e).__name__}: {first_line(e)}); "
                             "nothing written") from None
-        figures = verify(staged, reference, images, labels, tolerance)
+        figures = verify(staged, src.reference, src.images, src.labels, tolerance)
         if not figures["ok"]:
             raise UserError(f"{fmt} export of {name} does not match PyTorch: {figures['same_predictions']}/"
                             f"{figures['images']} same predictions, max |diff| "
@@ -81,7 +104,7 @@ def export(ckpt, fmt, out_dir, opset, data_dir, tolerance, device="cpu"):
     finally:
         if os.path.exists(staged):
             os.remove(staged)
-    info = dict(format=fmt, model=name, test_acc=ckpt["test_acc"], epoch=ckpt["epoch"],
+    info = dict(format=fmt, model=name, test_acc=src.ckpt["test_acc"], epoch=src.ckpt["epoch"],
                 verified_accuracy=figures["accuracy"], max_abs_diff=figures["max_abs_diff"])
     if fmt == "aoti":  # compiled code: for this device type (and, on CPU, this instruction set)
         info.update(device=str(device), inductor_configs=artifacts.AOTI_CONFIGS)
@@ -119,8 +142,9 @@ def main(argv=None):
             artifacts.check_cxx()  # before any export, not after the first three
         check_out_dir(args.out, "--out")
         print(f"{ckpt['model_name']}: {path} (epoch {ckpt['epoch']}, test accuracy {ckpt['test_acc']:.2f}%)", flush=True)
+        src = source(ckpt, args.data_dir)  # one model, one reference, one test set for every format
         for fmt in formats:
-            out, f = export(ckpt, fmt, args.out, args.opset, args.data_dir, args.tolerance, device)
+            out, f = export_verified(src, fmt, args.out, args.opset, args.tolerance, device)
             print(f"{fmt:12s} {out}: {f['same_predictions']}/{f['images']} predictions match PyTorch, "
                   f"max |log-prob diff| {f['max_abs_diff']:.2e} (batch 1: {f['batch1_max_abs_diff']:.2e}), "
                   f"accuracy {f['accuracy']:.2f}%")
