@@ -49,7 +49,10 @@ KIND = {"onnx": "an ONNX file", "torchscript": "a TorchScript file", "pt2": "a t
 # but makes the package use the thread count of the process that runs it instead of the exporting
 # machine's core count, baked into every parallel loop otherwise.
 AOTI_CONFIGS = {"freezing": True, "cpp.weight_prepack": False, "cpp.dynamic_threads": True}
-MAX_BATCH = 1 << 20
+MAX_BATCH = 1 << 20  # the dynamic batch dimension of every export: 1 .. MAX_BATCH
+# ... except torch.export on CUDA (pt2, aoti): CUDA kernels launch at most 65,535 blocks along a grid's
+# y and z, and torch.export finds that guard there, so exports for CUDA declare 1 .. MAX_BATCH_CUDA
+MAX_BATCH_CUDA = 65535
 
 CLASSES = [str(d) for d in range(10)]
 MANIFEST = "manifest.json"
@@ -75,8 +78,14 @@ class Exportable(nn.Module):
         return self.model((image - self.mean) / self.std)
 
 
+BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm's: the five models' only buffers
+
+
 def metadata(ckpt):
+    """What every exported file carries. params is counted from the checkpoint's weights, buffers left
+    out (the same figure as models.n_params of its model, without building one)."""
     recipe = models.RECIPES[ckpt["model_name"]]
+    params = sum(v.numel() for k, v in ckpt["model"].items() if not k.endswith(BUFFERS))
     return {
         "model": ckpt["model_name"],
         "recipe": json.dumps({k: v for k, v in recipe.items() if k != "model"}, default=str),
@@ -84,7 +93,7 @@ def metadata(ckpt):
                  f"normalised inside the graph with mean {data.MEAN}, std {data.STD}",
         "output": "log_probs: float32 [N, 10], log-probabilities",
         "classes": json.dumps(CLASSES),
-        "params": str(models.n_params(models.build_model(ckpt["model_name"]))),
+        "params": str(params),
         "test_acc": f"{ckpt['test_acc']:.2f}",
         "epoch": str(ckpt["epoch"]),
         "torch_version": torch.__version__,
@@ -135,10 +144,9 @@ def write_torchscript(module, path, meta):
 
 
 def exported_program(module, device="cpu"):
-    """torch.export of `module` with a dynamic batch (1 .. MAX_BATCH): the same graph for pt2 and aoti.
-    The example batch is 2 so that no size is specialised to 1."""
-    # CUDA kernels launch at most 65535 blocks along a grid's y and z: torch.export finds that guard on CUDA
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH if str(device) == "cpu" else 65535)
+    """torch.export of `module` with a dynamic batch (1 .. MAX_BATCH, on CUDA MAX_BATCH_CUDA): the same
+    graph for pt2 and aoti. The example batch is 2 so that no size is specialised to 1."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH if str(device) == "cpu" else MAX_BATCH_CUDA)
     if str(device) != "cpu":
         module = copy.deepcopy(module).to(device)  # the caller's module stays where it is
     return torch.export.export(module, (torch.rand(2, 1, 28, 28, device=device),),
@@ -304,13 +312,12 @@ def load(path, trust_code=False, threads=None):
 def _load_torch(fmt, path, blob):
     """(raw run function, metadata) of a TorchScript, pt2 or AOTInductor file's bytes."""
     device = "cpu"
-    if fmt == "torchscript":
-        extra = {"metadata.json": ""}
-        module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra).eval()
-        meta = json.loads(extra["metadata.json"] or "{}")
-    elif fmt == "pt2":
-        extra = {"metadata.json": ""}
-        module = torch.export.load(io.BytesIO(blob), extra_files=extra).module()
+    if fmt in ("torchscript", "pt2"):
+        extra = {"metadata.json": ""}  # both carry their metadata as this extra file (see the writers)
+        if fmt == "torchscript":
+            module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra).eval()
+        else:
+            module = torch.export.load(io.BytesIO(blob), extra_files=extra).module()
         meta = json.loads(extra["metadata.json"] or "{}")
     else:
         from torch._inductor import aoti_load_package
