@@ -32,7 +32,9 @@ from common import (UserError, find_checkpoint, first_line, json_text, load_chec
 # TorchScript is deprecated in favour of torch.export, but it is a format this project ships.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "aoti": ".aoti.pt2"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "aoti": ".aoti.pt2",
+           "onnx-int8": ".int8.onnx"}
+ONNX = {"onnx", "onnx-int8"}  # data: run by ONNX Runtime's built-in operators
 # Formats whose loading can run code the file carries. TorchScript: a scripted __setstate__.
 # pt2: torch.export.load unpickles the archive's sample inputs with torch.load(weights_only=False)
 # when weights_only=True fails (torch/_export/serde/serialize.py deserialize_torch_artifact), and
@@ -40,7 +42,7 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "ao
 # _package.py _load_state_dict, _load_constants); torch's own docstring: "Never load data from an
 # untrusted source". aoti: a shared library that is dlopen'ed.
 CODE = {"torchscript", "pt2", "aoti"}
-KIND = {"onnx": "an ONNX file", "torchscript": "a TorchScript file", "pt2": "a torch.export .pt2 file",
+KIND = {"onnx": "an ONNX file", "onnx-int8": "an int8 ONNX file", "torchscript": "a TorchScript file", "pt2": "a torch.export .pt2 file",
         "aoti": "an AOTInductor package"}
 # AOTInductor settings, measured side by side (BENCHMARKS.md). freezing (which acts only when
 # compiled under no_grad) folds BatchNorm into the conv weights: 4-8% faster at batch 1, but only
@@ -276,7 +278,7 @@ def load(path, trust_code=False, threads=None):
         raise UserError(f"artifact {path} does not exist")
     fmt = format_of(path)
     try:
-        if fmt == "onnx":
+        if fmt in ONNX:
             import onnx
             sess = ort_session(path, threads)
             _check_onnx_contract(path, sess)
@@ -403,3 +405,44 @@ def recorded_accuracy(text):
     except (TypeError, ValueError):
         return None
     return acc if 0 <= acc <= 100 else None
+
+
+# ------------------------------------------------------------------------------- int8
+
+INT8 = dict(quant_format="QDQ", per_channel=True, activation_type="QUInt8", weight_type="QInt8",
+            calibrate_method="MinMax")  # onnxruntime.quantization.quantize_static's settings, recorded in the file
+
+
+def write_onnx_int8(module, path, meta, opset, calibration):
+    """Static int8 ONNX with onnxruntime's own tools: the fp32 export, quant_pre_process (shape
+    inference and graph optimisation), then quantize_static in QDQ format with per-channel int8
+    weights and uint8 activations, calibrated (MinMax) on `calibration`, float32 [n, 1, 28, 28]
+    training images (data.calibration_set). Same input and output as the fp32 file; its metadata is
+    the fp32 file's plus the quantisation settings and the calibration set."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(calibration[i:i + 128] for i in range(0, len(calibration), 128))
+
+        def get_next(self):
+            batch = next(self.left, None)
+            return None if batch is None else {"image": batch}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, pre, q = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        write_onnx(module, fp32, meta, opset)
+        with quiet_stderr():   # the quantiser logs advice to pre-process (done) and per-node notes
+            quant_pre_process(fp32, pre)
+            quantize_static(pre, q, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        proto = onnx.load(q)
+    onnx.helper.set_model_props(proto, dict(meta, quantization=json.dumps(INT8),
+                                            calibration=f"the first {len(calibration):,} MNIST training images "
+                                            "(data.calibration_set; never the test set)"))
+    onnx.checker.check_model(proto, full_check=True)
+    write_synced(path, lambda f: f.write(proto.SerializeToString()))

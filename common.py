@@ -278,6 +278,21 @@ def ci_text(ci):
     return f"95% CI {ci[0]:.2f}-{ci[1]:.2f}"
 
 
+def mean_ci95(values):
+    """The 95% Student t interval of the mean of `values` (say, one accuracy per seed: n - 1 degrees
+    of freedom) as [low, high] rounded to 2 decimals; None for fewer than two values."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if sd == 0:
+        return [round(mean, 2), round(mean, 2)]
+    low, high = stats.t.interval(0.95, n - 1, loc=mean, scale=sd / math.sqrt(n))
+    return [round(float(low), 2), round(float(high), 2)]
+
+
 def paired(a_right, b_right):
     """Two models' right/wrong on the same images (bool tensors or arrays): the 2x2 table and the
     exact McNemar test, i.e. the two-sided binomial test (p = 1/2) on the discordant pairs."""

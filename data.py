@@ -134,6 +134,17 @@ def split_val(n):
     return perm[n:].sort().values, perm[:n].sort().values
 
 
+CALIBRATION_IMAGES = 1024  # int8 calibration: the first 1,024 training images
+
+
+def calibration_set(data_dir=None, n=CALIBRATION_IMAGES):
+    """The images int8 exports are calibrated on: the first n of the 60,000 training images, as
+    float32 [n, 1, 28, 28] in [0, 1]. It reads the training split and nothing else, so the test set
+    can never reach a calibration."""
+    images, _ = load("train", data_dir)
+    return to_unit(images[:n]).numpy()
+
+
 def to_unit(images):
     """uint8 images [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1] (what ToTensor gives)."""
     return images.unsqueeze(1).float().div_(255)

@@ -1,13 +1,16 @@
-"""Export a trained model to ONNX, TorchScript, torch.export (.pt2) and AOTInductor (.aoti.pt2),
-verified against PyTorch on the full test set.
+"""Export a trained model to ONNX, TorchScript, torch.export (.pt2), AOTInductor (.aoti.pt2) and int8
+ONNX (.int8.onnx), verified against PyTorch on the full test set.
 
     python export.py --format onnx                  # bn_gap, latest run's best.pt (or pretrained/)
     python export.py --model gap10k --format all --checkpoint runs/gap10k/latest/best.pt
     python export.py --model gap10k --format aoti   # compiled for this machine's CPU (or its CUDA GPU)
+    python export.py --format onnx-int8             # static int8, calibrated on 1,024 training images
 
 The input contract of every format is in artifacts.py. An export is written to a temp file, run
 on all 10,000 test images and kept only if every prediction matches PyTorch and log-probabilities
-agree within --tolerance; then its sha256 goes into the output folder's manifest.json.
+agree within --tolerance; then its sha256 goes into the output folder's manifest.json. An int8 file
+cannot match fp32 to 1e-4; its bar is its own: accuracy on all 10,000 test images (at batch 1000
+and at batch 1) within --int8-tolerance percentage points of the fp32 model's.
 """
 import argparse
 import os
@@ -54,23 +57,47 @@ class Source:
     images: torch.Tensor
     labels: torch.Tensor
     reference: torch.Tensor
+    data_dir: str = None  # where the int8 calibration images come from (the training split)
 
 
 def source(ckpt, data_dir):
     model = models.from_checkpoint(ckpt)
     images, labels = data.load("test", data_dir)
     return Source(ckpt, artifacts.Exportable(model).eval(), artifacts.metadata(ckpt), images, labels,
-                  models.log_probs(model, images))
+                  models.log_probs(model, images), data_dir)
 
 
-def export(ckpt, fmt, out_dir, opset, data_dir, tolerance, device="cpu"):
+def verify_int8(path, src, tolerance):
+    """An int8 file against the fp32 model on every test image: accuracy (batch 1000 and batch 1)
+    within `tolerance` percentage points of the fp32 accuracy; agreement with its predictions."""
+    run = artifacts.classifier(path)  # ONNX: data, no trust needed
+    fp32 = models.score(src.reference, src.labels)[2]
+    got = run(src.images)
+    acc = models.score(got, src.labels)[2]
+    figures = dict(same_predictions=int((got.argmax(1) == src.reference.argmax(1)).sum()), images=len(src.labels),
+                   accuracy=acc, batch1_accuracy=None, fp32_accuracy=fp32, accuracy_change=round(acc - fp32, 2),
+                   max_abs_diff=float((got - src.reference).abs().max()), batch1_max_abs_diff=None, ok=False)
+    if abs(acc - fp32) > tolerance:
+        return figures  # failed already: no batch-1 pass
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = run(src.images, batch_size=1)
+    finally:
+        torch.set_num_threads(old)
+    acc1 = models.score(single, src.labels)[2]
+    return dict(figures, batch1_accuracy=acc1, batch1_max_abs_diff=float((single - src.reference).abs().max()),
+                ok=abs(acc1 - fp32) <= tolerance)
+
+
+def export(ckpt, fmt, out_dir, opset, data_dir, tolerance, device="cpu", int8_tolerance=0.2):
     """One format of `ckpt`: export_verified from a Source of its own. Returns (path, figures)."""
     src = source(ckpt, data_dir)
     check_out_dir(out_dir, "--out")
-    return export_verified(src, fmt, out_dir, opset, tolerance, device)
+    return export_verified(src, fmt, out_dir, opset, tolerance, device, int8_tolerance)
 
 
-def export_verified(src, fmt, out_dir, opset, tolerance, device="cpu"):
+def export_verified(src, fmt, out_dir, opset, tolerance, device="cpu", int8_tolerance=0.2):
     """Export, verify, keep, record in the manifest. Returns (path, figures); raises UserError on a mismatch.
     The writer writes the staged file itself (its name keeps the format's suffix, which loaders go by),
     and only a verified one is renamed into place. `device` is where an AOTInductor package is compiled
@@ -87,6 +114,8 @@ def export_verified(src, fmt, out_dir, opset, tolerance, device="cpu"):
                 artifacts.write_torchscript(src.module, staged, src.meta)
             elif fmt == "pt2":
                 artifacts.write_pt2(src.module, staged, src.meta)
+            elif fmt == "onnx-int8":
+                artifacts.write_onnx_int8(src.module, staged, src.meta, opset, data.calibration_set(src.data_dir))
             else:
                 artifacts.write_aoti(src.module, staged, src.meta, str(device))
         except (UserError, OSError, KeyboardInterrupt):
@@ -94,7 +123,15 @@ def export_verified(src, fmt, out_dir, opset, tolerance, device="cpu"):
         except Exception as e:  # torch's exporters raise their own kinds, with pages of detail
             raise UserError(f"{fmt} export of {name} failed in torch's exporter ({type(e).__name__}: {first_line(e)}); "
                             "nothing written") from None
-        figures = verify(staged, src.reference, src.images, src.labels, tolerance)
+        if fmt == "onnx-int8":
+            figures = verify_int8(staged, src, int8_tolerance)
+            if not figures["ok"]:
+                at1 = f" and {figures['batch1_accuracy']:.2f}% at batch 1" if figures["batch1_accuracy"] else ""
+                raise UserError(f"{fmt} export of {name} loses too much accuracy: {figures['accuracy']:.2f}% at batch "
+                                f"1000{at1} against fp32's {figures['fp32_accuracy']:.2f}% (--int8-tolerance "
+                                f"{int8_tolerance:g} pp); nothing written")
+        else:
+            figures = verify(staged, src.reference, src.images, src.labels, tolerance)
         if not figures["ok"]:
             raise UserError(f"{fmt} export of {name} does not match PyTorch: {figures['same_predictions']}/"
                             f"{figures['images']} same predictions, max |diff| "
@@ -106,6 +143,9 @@ def export_verified(src, fmt, out_dir, opset, tolerance, device="cpu"):
             os.remove(staged)
     info = dict(format=fmt, model=name, test_acc=src.ckpt["test_acc"], epoch=src.ckpt["epoch"],
                 verified_accuracy=figures["accuracy"], max_abs_diff=figures["max_abs_diff"])
+    if fmt == "onnx-int8":
+        info.update(fp32_accuracy=figures["fp32_accuracy"], agreement_with_fp32=figures["same_predictions"],
+                    calibration_images=data.CALIBRATION_IMAGES)
     if fmt == "aoti":  # compiled code: for this device type (and, on CPU, this instruction set)
         info.update(device=str(device), inductor_configs=artifacts.AOTI_CONFIGS)
     artifacts.manifest_add(path, info)
@@ -125,6 +165,9 @@ def main(argv=None):
                    "exactly is refused")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="max |log-prob difference| from PyTorch allowed on any test image (default 1e-4)")
+    p.add_argument("--int8-tolerance", type=float, default=0.2, metavar="PP",
+                   help="onnx-int8: the most its test accuracy may differ from the fp32 model's, in percentage "
+                   "points (default 0.2)")
     p.add_argument("--data-dir", help="MNIST folder for the verification (default: $MNIST_DIR, then ./data)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="what an AOTInductor package is compiled for (default auto: CUDA if present, else CPU)")
@@ -132,7 +175,7 @@ def main(argv=None):
     with one_line_errors("interrupted: files already verified are kept; nothing half-written is left"):
         if args.model:
             models.get_recipe(args.model)
-        check_positive(args, "tolerance")
+        check_positive(args, "tolerance", "int8_tolerance")
         path = find_checkpoint(args.model or "bn_gap", args.checkpoint)
         ckpt = load_checkpoint(path, args.model)
         formats = list(artifacts.FORMATS) if args.format == "all" else [args.format]
@@ -144,7 +187,12 @@ def main(argv=None):
         print(f"{ckpt['model_name']}: {path} (epoch {ckpt['epoch']}, test accuracy {ckpt['test_acc']:.2f}%)", flush=True)
         src = source(ckpt, args.data_dir)  # one model, one reference, one test set for every format
         for fmt in formats:
-            out, f = export_verified(src, fmt, args.out, args.opset, args.tolerance, device)
+            out, f = export_verified(src, fmt, args.out, args.opset, args.tolerance, device, args.int8_tolerance)
+            if fmt == "onnx-int8":
+                print(f"{fmt:12s} {out}: accuracy {f['accuracy']:.2f}% (batch 1: {f['batch1_accuracy']:.2f}%) against "
+                      f"fp32's {f['fp32_accuracy']:.2f}% ({f['accuracy_change']:+.2f} pp); {f['same_predictions']}/"
+                      f"{f['images']} predictions agree with fp32")
+                continue
             print(f"{fmt:12s} {out}: {f['same_predictions']}/{f['images']} predictions match PyTorch, "
                   f"max |log-prob diff| {f['max_abs_diff']:.2e} (batch 1: {f['batch1_max_abs_diff']:.2e}), "
                   f"accuracy {f['accuracy']:.2f}%")

@@ -1,0 +1,88 @@
+"""int8 ONNX (export.py --format onnx-int8): written, verified against the fp32 model on all 10,000
+test images, refused with nothing written when the tolerance cannot be met, loaded by evaluate.py,
+predict.py and compare.py; its calibration set comes from the training images only."""
+import hashlib
+import json
+import os
+
+import onnx
+import pytest
+import torch
+
+import artifacts
+import common
+import compare
+import data
+import evaluate
+import export
+import predict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAINED = os.path.join(ROOT, "pretrained", "bn_fc.pt")
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory, mnist_dir):
+    """pretrained bn_fc as int8 ONNX, through export.py's own path (verification included)."""
+    out = tmp_path_factory.mktemp("int8")
+    ckpt = common.load_checkpoint(PRETRAINED)
+    path, figures = export.export(ckpt, "onnx-int8", str(out), 18, mnist_dir, 1e-4)
+    return out, ckpt, path, figures
+
+
+def test_int8_is_written_verified_and_recorded(int8):
+    out, ckpt, path, f = int8
+    assert path == str(out / "bn_fc.int8.onnx") and sorted(os.listdir(out)) == ["bn_fc.int8.onnx", "manifest.json"]
+    assert f["ok"] and f["fp32_accuracy"] == ckpt["test_acc"] and abs(f["accuracy"] - ckpt["test_acc"]) <= 0.2
+    assert abs(f["batch1_accuracy"] - ckpt["test_acc"]) <= 0.2 and 9900 <= f["same_predictions"] <= 10000
+    entry = json.loads((out / "manifest.json").read_text())["files"]["bn_fc.int8.onnx"]
+    assert entry["format"] == "onnx-int8" and entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert entry["agreement_with_fp32"] == f["same_predictions"] and entry["calibration_images"] == 1024
+    proto = onnx.load(path)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops            # QDQ: really quantised
+    assert any(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer)  # int8 weights
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["model"] == "bn_fc" and "training images" in meta["calibration"]
+    assert json.loads(meta["quantization"])["per_channel"] is True
+    assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["log_probs"]
+    assert artifacts.format_of(path) == "onnx-int8" and "onnx-int8" not in artifacts.CODE
+
+
+def test_an_impossible_tolerance_writes_nothing(int8, mnist_dir, tmp_path, monkeypatch):
+    import shutil
+    ckpt = common.load_checkpoint(PRETRAINED)
+    # the module's int8 file stands in for a second quantisation: the verification is what is tested
+    monkeypatch.setattr(artifacts, "write_onnx_int8", lambda module, path, meta, opset, calib: shutil.copy(int8[2], path))
+    with pytest.raises(common.UserError, match="loses too much accuracy.*nothing written"):
+        export.export(ckpt, "onnx-int8", str(tmp_path), 18, mnist_dir, 1e-4, int8_tolerance=-1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_predict_and_compare_read_it(int8, mnist_dir, tmp_path, capsys):
+    out, ckpt, path, f = int8
+    r = evaluate.evaluate(path, "artifact", str(tmp_path / "eval"), mnist_dir, torch.device("cpu"))
+    assert r["accuracy"] == f["accuracy"] and r["model"] == "bn_fc"
+    x, _ = data.load("test", mnist_dir)
+    classify, info = predict.load_classifier(predict.parse_args(["--artifact", path, "x.png"]))
+    assert info["model"] == "bn_fc" and classify(x[:5]).shape == (5, 10)
+    compare.main([PRETRAINED, path, "--json", "--data-dir", mnist_dir, "--device", "cpu"])
+    got = json.loads(capsys.readouterr().out)
+    assert got["b"]["kind"] == "onnx-int8" and got["b"]["accuracy"] == f["accuracy"]
+    assert got["both_right"] + got["only_a_wrong"] + got["only_b_wrong"] + got["both_wrong"] == 10000
+    assert 10000 - got["only_a_wrong"] - got["only_b_wrong"] >= f["same_predictions"]  # agreeing on right/wrong
+
+
+def test_calibration_reads_only_training_images(mnist_dir, monkeypatch):
+    """By construction: calibration_set takes no split and reads 'train' only; and none of its images
+    is a test image."""
+    splits = []
+    real = data.load
+    monkeypatch.setattr(data, "load", lambda split, data_dir=None: splits.append(split) or real(split, data_dir))
+    calib = data.calibration_set(mnist_dir)
+    assert splits == ["train"] and calib.shape == (1024, 1, 28, 28) and calib.dtype == "float32"
+    test_x, _ = real("test", mnist_dir)
+    test_hashes = {hashlib.sha256(im.numpy().tobytes()).digest() for im in test_x}
+    as_uint8 = torch.from_numpy(calib[:, 0] * 255).round().to(torch.uint8)
+    assert not any(hashlib.sha256(im.numpy().tobytes()).digest() in test_hashes for im in as_uint8)
+    assert torch.equal(as_uint8, real("train", mnist_dir)[0][:1024])
