@@ -18,6 +18,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torchvision
@@ -25,9 +26,9 @@ import torchvision
 import data
 import loop
 import models
-from common import (METRICS, UserError, check_at_least, check_out_dir, ci95, ci_text, defer_sigint,
-                    device_name, get_device, git_commit, load_checkpoint, lock_run, make_checkpoint, one_line_errors,
-                    remove_run, save_checkpoint, save_json, save_text, unlock_run)
+from common import (METRICS, UserError, check_at_least, check_out_dir, check_positive, ci95, ci_text,
+                    defer_sigint, device_name, get_device, git_commit, load_checkpoint, lock_run, make_checkpoint,
+                    one_line_errors, remove_run, save_checkpoint, save_json, save_text, tmp_path, unlock_run)
 
 
 # ------------------------------------------------------------------------ the epoch's batches
@@ -98,14 +99,14 @@ def check_args(args):
         raise UserError(f"unknown pipeline '{args.pipeline}'")
     if not 0 <= args.seed <= 2 ** 63 - 1:
         raise UserError(f"--seed must be between 0 and 2**63-1, got {args.seed}")
-    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise UserError(f"--lr must be a positive number, got {args.lr}")
+    check_positive(args, "lr")
 
 
 def resume_args(args, ckpt, out):
     """The run's own settings, as its last.pt recorded them. Flags that would be silently ignored are
     refused; --device must be the run's own (RNG states do not move between devices)."""
-    defaults = vars(parse_args([]))
+    p = parser()
+    defaults = vars(p.parse_args([]))
     given = [k for k, v in vars(args).items() if k not in RESUME_MAY_SET and v != defaults[k]]
     if given:
         raise UserError(f"--resume continues {out} with the settings it started with; drop "
@@ -113,7 +114,7 @@ def resume_args(args, ckpt, out):
     saved = ckpt["args"]
     if args.model != defaults["model"] and args.model != saved.get("model"):
         raise UserError(f"{out} is a {saved.get('model')} run, not {args.model}")
-    kinds = {a.dest: bool if a.nargs == 0 else a.type or str for a in parser()._actions}
+    kinds = {a.dest: bool if a.nargs == 0 else a.type or str for a in p._actions}
     merged = dict(defaults)  # the saved settings, where they have the type the flag has
     merged.update({k: v for k, v in saved.items() if k in defaults and (v is None or type(v) is kinds[k])})
     rng = ckpt["rng"]  # runs from before the device was recorded: a CUDA one saved a CUDA state
@@ -153,7 +154,7 @@ def point_latest(args, out):
     if args.out or args.resume:
         return
     link = os.path.join("runs", args.model, "latest")
-    tmp = f"{link}.{os.getpid()}.tmp"
+    tmp = tmp_path(link)
     os.symlink(os.path.basename(out), tmp)
     os.replace(tmp, link)
 
@@ -205,7 +206,7 @@ def run(args):
     check_args(args)
     out, created, lock = prepare_out(args)
     try:
-        return train(args, out, created)
+        return train(args, out)
     except BaseException:
         if created and not os.path.exists(os.path.join(out, "last.pt")):
             remove_run(out)  # failed before its first epoch: leave nothing behind
@@ -214,11 +215,55 @@ def run(args):
         unlock_run(lock)
 
 
-def train(args, out, created):
-    ckpt = None
-    if args.resume:
-        ckpt = load_checkpoint(os.path.join(out, "last.pt"), training_state=True)
-        args = resume_args(args, ckpt, out)
+@dataclass
+class Run:
+    """What stays fixed through a run: its settings (the saved ones on --resume), folder, device, data
+    generator, images ((x, y) on the device: training, validation (None without --val), test), the
+    model and its loop.Trainer, and the steps per epoch."""
+    args: argparse.Namespace
+    recipe: dict
+    out: str
+    device: torch.device
+    gen: torch.Generator
+    train_set: tuple
+    val_set: tuple
+    test_set: tuple
+    model: torch.nn.Module
+    trainer: loop.Trainer
+    steps: int
+
+
+def train(args, out):
+    """The run in `out` (locked by run()), epoch by epoch from the first or from where last.pt
+    stopped; every epoch's files are written before the next starts. Returns the summary dict."""
+    ckpt = load_checkpoint(os.path.join(out, "last.pt"), training_state=True) if args.resume else None
+    r = start(resume_args(args, ckpt, out) if ckpt else args, out)
+    history, best_acc, best_epoch, first = resumed(r, ckpt)
+    info = describe(r)
+    t_run = time.time()
+    for epoch in range(first, r.args.epochs + 1):
+        row, correct = train_and_score(r, epoch)
+        history.append(row)
+        chosen_by = row["val_acc"] if r.args.val else row["test_acc"]  # what picks best.pt
+        is_best = chosen_by > best_acc
+        if is_best:
+            best_acc, best_epoch = chosen_by, epoch
+        n_test = len(r.test_set[1])
+        summary = dict(info, **results(history, best_epoch, n_test, r.args.val), final_test_acc=row["test_acc"],
+                       final_test_acc_ci95=ci95(correct, n_test), epochs_done=epoch,
+                       wall_seconds=round(time.time() - t_run, 1))
+        state = make_checkpoint(r.args.model, r.model.state_dict(), epoch, row["test_acc"], info["params"],
+                                val_acc=row["val_acc"])
+        write_epoch(r.out, state, training_state(r, history, best_acc, best_epoch), is_best, history, summary)
+        if epoch == first:
+            point_latest(r.args, r.out)
+    print(last_words(r, summary))
+    return summary
+
+
+def start(args, out):
+    """The Run of `args` (already resolved by resume_args on --resume): the recipe's defaults filled in,
+    torch seeded, the images loaded, the model, optimizer and schedule built."""
     recipe = models.get_recipe(args.model)
     args.epochs = args.epochs or recipe["epochs"]
     args.batch_size = args.batch_size or recipe["batch_size"]
@@ -226,88 +271,103 @@ def train(args, out, created):
     if args.amp:
         models.check_amp(device)
     gen = loop.seed_everything(args.seed, device)
+    train_set, val_set, test_set = load_sets(args, device)
+    model, net = models.build(recipe, device, args.channels_last, args.fast_dropout, args.compile)
+    optimizer = models.build_optimizer(recipe, model, args.lr)
+    steps = math.ceil(len(train_set[1]) / args.batch_size)
+    scheduler, every = models.build_schedule(recipe, optimizer, args.epochs, steps, args.lr)
+    trainer = loop.Trainer(net, optimizer, scheduler, every, args.channels_last, args.amp)
+    return Run(args, recipe, out, device, gen, train_set, val_set, test_set, model, trainer, steps)
 
+
+def load_sets(args, device):
+    """((x, y) trained on, (x, y) held out by --val or None, (x, y) test), on `device`: --val's images
+    are held out of the 60,000 first, then --subset takes the first N of the rest."""
     train_x, train_y = data.load("train", args.data_dir)
     test_x, test_y = data.load("test", args.data_dir)
-    val_x = val_y = None
+    val_set = None
     if args.val:
         keep, held = data.split_val(args.val)
-        val_x, val_y = train_x[held].to(device), train_y[held].to(device)
+        val_set = train_x[held].to(device), train_y[held].to(device)
         train_x, train_y = train_x[keep], train_y[keep]
     if args.subset:
         train_x, train_y = train_x[:args.subset], train_y[:args.subset]
-    train_x, train_y = train_x.to(device), train_y.to(device)
-    test_x, test_y = test_x.to(device), test_y.to(device)
+    return (train_x.to(device), train_y.to(device)), val_set, (test_x.to(device), test_y.to(device))
 
-    model, net = models.build(recipe, device, args.channels_last, args.fast_dropout, args.compile)
-    optimizer = models.build_optimizer(recipe, model, args.lr)
-    steps = math.ceil(len(train_y) / args.batch_size)
-    scheduler, every = models.build_schedule(recipe, optimizer, args.epochs, steps, args.lr)
-    trainer = loop.Trainer(net, optimizer, scheduler, every, args.channels_last, args.amp)
 
-    history, best_acc, best_epoch, start = [], -1.0, 0, 1
-    if ckpt:
-        restore(ckpt, model, optimizer, scheduler, device, gen, out)
-        history, best_acc, best_epoch = ckpt["history"], ckpt["best_acc"], ckpt["best_epoch"]
-        start = ckpt["epoch"] + 1
-        if start > args.epochs:
-            raise UserError(f"{out} already finished its {args.epochs} epochs; nothing to resume")
-        print(f"resuming {out} at epoch {start}/{args.epochs} on {device.type}")
+def resumed(r, ckpt):
+    """(history, best accuracy, best epoch, first epoch to train): a new run's, or with `ckpt` (last.pt)
+    the run's own, its model, optimizer, schedule and RNG states restored."""
+    if ckpt is None:
+        return [], -1.0, 0, 1
+    restore(ckpt, r.model, r.trainer.optimizer, r.trainer.scheduler, r.device, r.gen, r.out)
+    first = ckpt["epoch"] + 1
+    if first > r.args.epochs:
+        raise UserError(f"{r.out} already finished its {r.args.epochs} epochs; nothing to resume")
+    print(f"resuming {r.out} at epoch {first}/{r.args.epochs} on {r.device.type}")
+    return ckpt["history"], ckpt["best_acc"], ckpt["best_epoch"], first
 
-    n_params = models.n_params(model)
-    info = dict(model=args.model, params=n_params, device=str(device), device_name=device_name(device),
-                batch_size=args.batch_size, epochs=args.epochs, seed=args.seed, pipeline=args.pipeline,
-                channels_last=args.channels_last, amp=args.amp, fast_dropout=args.fast_dropout,
-                compile=args.compile, train_images=len(train_y), val_images=args.val, out=out)
+
+def describe(r):
+    """summary.json's account of the run; its first part is printed as the run starts."""
+    args = r.args
+    info = dict(model=args.model, params=models.n_params(r.model), device=str(r.device),
+                device_name=device_name(r.device), batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
+                pipeline=args.pipeline, channels_last=args.channels_last, amp=args.amp,
+                fast_dropout=args.fast_dropout, compile=args.compile, train_images=len(r.train_set[1]),
+                val_images=args.val, out=r.out)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
-    info.update(documented=recipe["documented"], reconstructed=recipe["reconstructed"], lr=args.lr,
+    info.update(documented=r.recipe["documented"], reconstructed=r.recipe["reconstructed"], lr=args.lr,
                 subset=args.subset, threads=torch.get_num_threads(), python=platform.python_version(),
                 torch=torch.__version__, torchvision=torchvision.__version__, git_commit=git_commit(),
                 command=" ".join([os.path.basename(sys.executable)] + sys.argv))
-    t_run = time.time()
-    for epoch in range(start, args.epochs + 1):
-        lr = optimizer.param_groups[0]["lr"]
-        loader = make_loader(args, recipe, train_x, train_y, gen, epoch)
-        t0 = time.time()
-        train_loss, train_acc, seen = loop.train_epoch(trainer, loader, steps, epoch, progress=not args.no_progress)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - t0
-        val_loss = val_acc = None
-        if args.val:
-            val_loss, _, val_acc = models.score(models.log_probs(model, val_x), val_y)
-        test_loss, correct, test_acc = models.score(models.log_probs(model, test_x), test_y)
-        print(f"Epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.2f}% | "
-              + (f"val acc {val_acc:.2f}% | " if args.val else "")
-              + f"Test set: Average loss: {test_loss:.4f}, Accuracy: {correct}/{len(test_y)} ({test_acc:.2f}%, "
-              f"{ci_text(ci95(correct, len(test_y)))}) | {seconds:.1f}s {seen / seconds:.0f} img/s")
-        history.append(dict(epoch=epoch, train_loss=round(train_loss, 6), train_acc=round(train_acc, 4),
-                            val_loss=None if val_loss is None else round(val_loss, 6), val_acc=val_acc,
-                            test_loss=round(test_loss, 6), test_acc=test_acc, lr=float(f"{lr:.6g}"),
-                            seconds=round(seconds, 3), images_per_s=round(seen / seconds, 1)))
-        chosen_by = val_acc if args.val else test_acc  # what picks best.pt
-        is_best = chosen_by > best_acc
-        if is_best:
-            best_acc, best_epoch = chosen_by, epoch
-        state = make_checkpoint(args.model, model.state_dict(), epoch, test_acc, n_params, val_acc=val_acc)
-        training = dict(optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict() if scheduler is not None else None,
-                        rng=rng_state(device, gen), history=history, best_acc=best_acc, best_epoch=best_epoch,
-                        args=vars(args))
-        summary = dict(info, **results(history, best_epoch, len(test_y), args.val), final_test_acc=test_acc,
-                       final_test_acc_ci95=ci95(correct, len(test_y)), epochs_done=epoch,
-                       wall_seconds=round(time.time() - t_run, 1))
-        write_epoch(out, state, training, is_best, history, summary)
-        if epoch == start:
-            point_latest(args, out)
-    if args.val:
-        print(f"chosen on validation: epoch {best_epoch}, test accuracy {summary['val_chosen_test_acc']:.2f}% "
-              f"({ci_text(summary['val_chosen_test_acc_ci95'])}); ", end="")
-    print(f"best test accuracy {summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}"
-          + (" (optimistic: the test set chose it)" if args.val else "")
-          + f" (documented {recipe['documented']['best_test_acc']}% at epoch {recipe['documented']['best_epoch']}); "
-          f"run folder {out}")
-    return summary
+    return info
+
+
+def train_and_score(r, epoch):
+    """Train epoch `epoch`, then score the model on the validation images (with --val) and the test set;
+    prints the epoch's line. Returns (its metrics.csv row, the count of test images right)."""
+    lr = r.trainer.optimizer.param_groups[0]["lr"]
+    loader = make_loader(r.args, r.recipe, *r.train_set, r.gen, epoch)
+    t0 = time.time()
+    train_loss, train_acc, seen = loop.train_epoch(r.trainer, loader, r.steps, epoch, progress=not r.args.no_progress)
+    if r.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    val_loss = val_acc = None
+    if r.args.val:
+        val_loss, _, val_acc = models.score(models.log_probs(r.model, r.val_set[0]), r.val_set[1])
+    test_x, test_y = r.test_set
+    test_loss, correct, test_acc = models.score(models.log_probs(r.model, test_x), test_y)
+    print(f"Epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.2f}% | "
+          + (f"val acc {val_acc:.2f}% | " if r.args.val else "")
+          + f"Test set: Average loss: {test_loss:.4f}, Accuracy: {correct}/{len(test_y)} ({test_acc:.2f}%, "
+          f"{ci_text(ci95(correct, len(test_y)))}) | {seconds:.1f}s {seen / seconds:.0f} img/s")
+    row = dict(epoch=epoch, train_loss=round(train_loss, 6), train_acc=round(train_acc, 4),
+               val_loss=None if val_loss is None else round(val_loss, 6), val_acc=val_acc,
+               test_loss=round(test_loss, 6), test_acc=test_acc, lr=float(f"{lr:.6g}"),
+               seconds=round(seconds, 3), images_per_s=round(seen / seconds, 1))
+    return row, correct
+
+
+def training_state(r, history, best_acc, best_epoch):
+    """What last.pt holds beside the checkpoint, for --resume."""
+    scheduler = r.trainer.scheduler
+    return dict(optimizer=r.trainer.optimizer.state_dict(),
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                rng=rng_state(r.device, r.gen), history=history, best_acc=best_acc, best_epoch=best_epoch,
+                args=vars(r.args))
+
+
+def last_words(r, summary):
+    """The run's closing line: the validation-chosen epoch (with --val), the best test accuracy, the seed's."""
+    doc = r.recipe["documented"]
+    chosen = (f"chosen on validation: epoch {summary['val_chosen_epoch']}, test accuracy "
+              f"{summary['val_chosen_test_acc']:.2f}% ({ci_text(summary['val_chosen_test_acc_ci95'])}); "
+              if r.args.val else "")
+    return (chosen + f"best test accuracy {summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}"
+            + (" (optimistic: the test set chose it)" if r.args.val else "")
+            + f" (documented {doc['best_test_acc']}% at epoch {doc['best_epoch']}); run folder {r.out}")
 
 
 def results(history, chosen_epoch, n_test, val):
