@@ -9,7 +9,8 @@ train  images/s at the recipe's batch size with its augmentation, for the seed-s
        pipeline in each variant that applies on the device (channels_last, bfloat16 amp, fast
        dropout on CPU, torch.compile, CUDA graphs on CUDA); the best variant is the fast-pipeline
        figure, the others are reported beside it. On CUDA and MPS a repeat is a whole epoch.
-infer  batch-1 p50/p99 latency and batch-1024 images/s for eager, TorchScript, ONNX Runtime,
+infer  batch-1 p50/p99 latency and batch-1024 images/s for eager, TorchScript, ONNX Runtime (fp32 and,
+       on the CPU, static int8 calibrated on 1,024 training images),
        torch.compile (with CUDA graphs on CUDA), torch.export (.pt2, its module()) and AOTInductor
        (a package compiled for the device), on CPU with 1 thread and with all cores; on CUDA timed
        with CUDA events after a synchronisation. Also the load time and size of the file each
@@ -157,7 +158,8 @@ def one_line(e):
 
 # --------------------------------------------------------------------------- inference
 
-BACKENDS = ["eager", "torchscript", "compile", "onnxruntime", "pt2", "aoti"]
+BACKENDS = ["eager", "torchscript", "compile", "onnxruntime", "onnxruntime-int8", "pt2", "aoti"]
+ORT = {"onnxruntime", "onnxruntime-int8"}  # the backends ONNX Runtime runs
 LOADS = 3  # timed loads of each backend's file, after one warm-up load
 
 
@@ -172,7 +174,7 @@ def file_figures(path, load):
     return got, dict(load_ms=round(statistics.median(times[1:]) * 1000, 3), file_bytes=os.path.getsize(path))
 
 
-def inference_backends(name, device, tmp, wanted, progress=lambda what: None):
+def inference_backends(name, device, tmp, wanted, progress=lambda what: None, calibration=None):
     """(backend -> function of a float32 [N, 1, 28, 28] [0, 1] tensor on `device` (onnxruntime: the .onnx
     path; a session is made per thread count in bench_infer), the ONNX Runtime provider,
     backend -> {load_ms, file_bytes} of the file a user would ship for it, skipped).
@@ -202,6 +204,8 @@ def inference_backends(name, device, tmp, wanted, progress=lambda what: None):
         pt2=(".pt2", lambda p: artifacts.write_pt2(cpu_module, p, meta), lambda p: torch.export.load(p).module()),
         aoti=(".aoti.pt2", lambda p: artifacts.write_aoti(cpu_module, p, meta, device.type), aoti_load_package),
     )
+    files["onnxruntime-int8"] = (".int8.onnx", lambda p: artifacts.write_onnx_int8(cpu_module, p, meta, 18, calibration),
+                                 ort_load)
     loaded, figures, skipped = {}, {}, []
     for backend in [b for b in wanted if b in files]:
         suffix, write, load = files[backend]
@@ -226,6 +230,7 @@ def inference_backends(name, device, tmp, wanted, progress=lambda what: None):
                   compile=lambda: no_grad(models.compile_model(module)),  # CUDA graphs on CUDA: launch-bound batch 1
                   onnxruntime=lambda: loaded["onnxruntime"],
                   pt2=lambda: no_grad(loaded["pt2"].to(device)),
+                  **{"onnxruntime-int8": lambda: loaded["onnxruntime-int8"]},
                   aoti=lambda: no_grad(loaded["aoti"]))
     out = {}
     for backend in wanted:
@@ -240,18 +245,19 @@ def inference_backends(name, device, tmp, wanted, progress=lambda what: None):
 
 def where(backend, device):
     """On MPS, onnxruntime runs on the CPU (it has no MPS provider): its records say so."""
-    return "cpu" if backend == "onnxruntime" and device.type == "mps" else device.type
+    return "cpu" if backend in ORT and device.type == "mps" else device.type
 
 
-def bench_infer(name, device, threads_list, repeats, calls, wanted, progress):
+def bench_infer(name, device, threads_list, repeats, calls, wanted, progress, calibration=None):
     """(records, skipped) of batch-1 latency and batch-1024 throughput for each backend and thread count,
-    and load time and file size for each backend that has a file."""
+    and load time and file size for each backend that has a file. calibration: the images the
+    onnxruntime-int8 file is calibrated on (data.calibration_set)."""
     records = []
     timer = Timer(device)
     x1 = torch.rand(1, 1, 28, 28, device=device)
     xb = torch.rand(BATCH_INFER, 1, 28, 28, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        backends, provider, figures, skipped = inference_backends(name, device, tmp, wanted, progress)
+        backends, provider, figures, skipped = inference_backends(name, device, tmp, wanted, progress, calibration)
         todo = [(t, b) for t in threads_list for b in backends]
         for i, (threads, backend) in enumerate(todo, 1):
             progress(f"infer {name} {device.type} {backend}, threads {threads or '-'} ({i} of {len(todo)})")
@@ -289,7 +295,7 @@ def ort_runners(sess, provider, x1, xb):
 
 def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, repeats, calls):
     graph_skips = counters["inductor"]["cudagraph_skips"]
-    if backend == "onnxruntime":
+    if backend in ORT:
         sess = artifacts.ort_session(fn, threads, provider)  # threads is None off the CPU
         run1, runb = ort_runners(sess, provider, x1, xb)
     else:
@@ -439,6 +445,7 @@ def main(argv=None):
             if args.json:
                 save_json(dict(environment=dict(env, partial=True, skipped=skipped), records=records), args.json)
 
+        calibration = data.calibration_set(args.data_dir) if "onnxruntime-int8" in args.backend else None
         for device in devices:
             if "amp" in " ".join(variants) and device.type == "cuda":
                 models.check_amp(device)
@@ -456,7 +463,7 @@ def main(argv=None):
                     keep(records, skipped)
                 if "infer" in args.task:
                     got, bad = bench_infer(name, device, threads_list if device.type == "cpu" else [None], repeats,
-                                           calls, args.backend, progress)
+                                           calls, args.backend, progress, calibration)
                     records, skipped = records + got, skipped + bad
                     print(f"infer {name} {device.type}: done", flush=True)
                 keep(records, skipped)

@@ -86,3 +86,16 @@ def test_calibration_reads_only_training_images(mnist_dir, monkeypatch):
     as_uint8 = torch.from_numpy(calib[:, 0] * 255).round().to(torch.uint8)
     assert not any(hashlib.sha256(im.numpy().tobytes()).digest() in test_hashes for im in as_uint8)
     assert torch.equal(as_uint8, real("train", mnist_dir)[0][:1024])
+
+
+def test_bench_times_the_int8_file(tmp_path, mnist_dir):
+    import bench
+    out = tmp_path / "b.json"
+    bench.main(["--task", "infer", "--model", "bn_fc", "--device", "cpu", "--backend", "onnxruntime",
+                "onnxruntime-int8", "--repeats", "1", "--calls", "3", "--data-dir", mnist_dir, "--json", str(out)])
+    got = json.loads(out.read_text())
+    assert got["environment"]["skipped"] == []
+    int8 = {(r["threads"], r["metric"]): r["value"] for r in got["records"] if r["backend"] == "onnxruntime-int8"}
+    fp32 = {(r["threads"], r["metric"]): r["value"] for r in got["records"] if r["backend"] == "onnxruntime"}
+    assert int8.keys() == fp32.keys() and all(v > 0 for v in int8.values())
+    assert int8[(None, "file_bytes")] < fp32[(None, "file_bytes")]   # int8 weights: a smaller file
