@@ -17,7 +17,6 @@ with fixed sizes, fonts and style and no timestamp, so the same runs give the sa
 """
 import argparse
 import io
-import json
 import math
 import os
 import re
@@ -39,6 +38,7 @@ REPORT = "REPRODUCTION.md"
 FIGURES = "figures"
 RUNS = os.path.join("runs", "reproduce")
 TARGET = 99.0  # time to accuracy: the first epoch at or above this test accuracy (%)
+BENCH = "bench-cpu.json"  # bench.py --json output the trade-off chart takes its latency from
 
 
 def run_dir(name, seed):
@@ -46,12 +46,12 @@ def run_dir(name, seed):
 
 
 def finished(folder, epochs):
+    """A run folder's summary.json if its run finished all `epochs`, else None (none yet, or unreadable)."""
     try:
-        with open(os.path.join(folder, "summary.json")) as f:
-            s = json.load(f)
-        return s if s.get("epochs_done") == epochs else None
-    except (OSError, ValueError):
+        s = common.read_json_dict(os.path.join(folder, "summary.json"))
+    except common.UserError:
         return None
+    return s if s.get("epochs_done") == epochs else None
 
 
 def collect(name):
@@ -105,17 +105,16 @@ def seed_list(runs):
     return ", ".join(map(str, seeds))
 
 
-def best_text(values):
-    """'99.50%, 1 seed' or '99.50 ± 0.06% (mean ± std), 3 seeds' for a figure's title."""
-    if len(values) == 1:
-        return f"{values[0]:.2f}%, 1 seed"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}% (mean ± std), {len(values)} seeds"
-
-
-def mean_std(values):
-    if len(values) == 1:
-        return f"{values[0]:.2f} (n=1)"
-    return f"{statistics.mean(values):.2f} +- {statistics.stdev(values):.2f} (n={len(values)})"
+def mean_std(values, title=False):
+    """Accuracies over seeds as mean and standard deviation (one seed: its value): '99.50 +- 0.06 (n=3)'
+    for the report's table, or with title=True '99.50 ± 0.06% (mean ± std), 3 seeds' ('99.50%, 1 seed')
+    for a figure's title."""
+    n, mean = len(values), statistics.mean(values)
+    std = statistics.stdev(values) if n > 1 else None
+    if title:
+        return (f"{mean:.2f}%" if std is None else f"{mean:.2f} ± {std:.2f}% (mean ± std)") + \
+            f", {n} seed{'s' if n > 1 else ''}"
+    return (f"{mean:.2f}" if std is None else f"{mean:.2f} +- {std:.2f}") + f" (n={n})"
 
 
 @torch.no_grad()
@@ -136,23 +135,27 @@ def publish_pretrained(name, seed):
 # ---------------------------------------------------------------------------------------------
 # Benchmark figures for the trade-off chart
 
-def bench_latency(path="BENCHMARKS.md"):
-    """ONNX Runtime batch-1 p50 latency (ms, CPU, 1 thread) per model, read from BENCHMARKS.md's
-    first CPU section, and a line naming that source (section title, commit); ({}, None) if absent."""
+def bench_latency(path=BENCH):
+    """ONNX Runtime batch-1 p50 latency (ms, CPU, 1 thread) per model from bench.py's JSON ({environment,
+    records}; the committed one is bench-cpu.json), and a line naming that source (its CPU, commit and
+    date); ({}, None) if the file is missing, unreadable or holds no such record."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
+        bench = common.read_json_dict(path)
+    except common.UserError:
         return {}, None
-    m = re.search(r"^## (CPU\b[^\n]*)\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    if not m:
+    records, env = bench.get("records"), bench.get("environment")
+    if not isinstance(records, list) or not isinstance(env, dict):
         return {}, None
-    rows = re.findall(r"^\| (\w+) \| cpu \| 1 \| onnxruntime \| ([\d.]+) \|", m.group(2), re.M)
-    if not rows:
+    latency = {r["model"]: r["value"] for r in records
+               if isinstance(r, dict) and isinstance(r.get("model"), str) and common.is_number(r.get("value"))
+               and (r.get("task"), r.get("device"), r.get("backend"), r.get("threads"), r.get("metric"))
+               == ("infer", "cpu", "onnxruntime", 1, "p50_ms")}
+    if not latency:
         return {}, None
-    commit = re.search(r"\bcommit ([0-9a-f]{7,40})\b", m.group(2))
-    source = f"BENCHMARKS.md, \"{m.group(1).strip()}\"" + (f", commit {commit.group(1)}" if commit else "")
-    return {name: float(ms) for name, ms in rows}, source
+    said = [env.get("cpu") and f"bench.py on {env['cpu']}", env.get("git_commit") and f"commit {env['git_commit']}",
+            str(env.get("date") or "")[:10]]  # the date, not the time of day
+    said = ", ".join(str(s) for s in said if s)
+    return latency, os.path.basename(path) + (f" ({said})" if said else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +244,7 @@ def plot_curves(name, runs, path):
     zoom.set_title(f"zoom: {TARGET:.1f}% and above", loc="left")
     bests = [r["best_test_acc"] for r in runs]
     fig.suptitle(f"{name}: per-epoch test accuracy, ours against the seed's own log.   Our best: "
-                 f"{best_text(bests)}", x=0.065, ha="left", y=0.975)
+                 f"{mean_std(bests, title=True)}", x=0.065, ha="left", y=0.975)
     handles, labels = zoom.get_legend_handles_labels()
     order = [labels.index(ours_label), labels.index(doc_label)] + \
         ([labels.index("ours: min-max over seeds")] if n > 1 else [])
@@ -293,11 +296,21 @@ def _split(values, gap=1.0):
     return v[big[1] - 1] if big[0] > gap else None
 
 
+# the trade-off chart's three columns: x label, x of a row (None: not measured), its (min, max) span or None
+TRADEOFF_COLUMNS = [
+    ("parameters (thousands)", lambda r: r["params"] / 1000, None),
+    (f"ONNX Runtime batch-1 p50 latency (ms)\nCPU, 1 thread ({BENCH})", lambda r: r["latency_ms"], None),
+    ("training seconds per epoch\n(these runs, CPU)", lambda r: statistics.mean(r["s_epoch"]),
+     lambda r: (min(r["s_epoch"]), max(r["s_epoch"]))),
+]
+
+
 @_styled
 def plot_tradeoff(rows, latency_source, seconds_source, path):
     """Best test accuracy (mean, min-max over seeds) against parameters, ONNX Runtime batch-1 latency
     and CPU training seconds per epoch, one panel each. rows: dicts name, params, bests, latency_ms
-    (or None), s_epoch (per seed). The y axis is broken when one recipe sits far below the rest."""
+    (or None), s_epoch (per seed). The y axis is broken when one recipe sits far below the rest:
+    then a second, lower row of panels holds it."""
     means = [statistics.mean(r["bests"]) for r in rows]
     cut = _split(means)
     parts = [[r for r, m in zip(rows, means) if cut is None or m > cut]]
@@ -306,53 +319,68 @@ def plot_tradeoff(rows, latency_source, seconds_source, path):
     fig = _figure(10.5, 5.0 if cut is not None else 4.5)
     grid = fig.add_gridspec(len(parts), 3, height_ratios=[3.2, 1][:len(parts)], hspace=0.1, wspace=0.1,
                             left=0.075, right=0.985, top=0.83, bottom=0.23 if cut is not None else 0.21)
-    columns = [("parameters (thousands)", lambda r: r["params"] / 1000, None),
-               ("ONNX Runtime batch-1 p50 latency (ms)\nCPU, 1 thread (BENCHMARKS.md)", lambda r: r["latency_ms"],
-                None),
-               ("training seconds per epoch\n(these runs, CPU)", lambda r: statistics.mean(r["s_epoch"]),
-                lambda r: (min(r["s_epoch"]), max(r["s_epoch"])))]
     axes = [[fig.add_subplot(grid[i, j]) for j in range(3)] for i in range(len(parts))]
     handles = {}
     for i, part in enumerate(parts):
-        lows = [min(r["bests"]) for r in part]
-        highs = [max(r["bests"]) for r in part]
-        pad = max(0.08, (max(highs) - min(lows)) * 0.15)
-        for j, (xlabel, xof, xspan) in enumerate(columns):
-            ax = axes[i][j]
-            for r in part:
-                x = xof(r)
-                if x is None:
-                    continue
-                m = statistics.mean(r["bests"])
-                xerr = None
-                if xspan:
-                    a, b = xspan(r)
-                    xerr = [[x - a], [b - x]]
-                color, marker = RECIPE_STYLE.get(r["name"], ("k", "o"))
-                h = ax.errorbar([x], [m], yerr=[[m - min(r["bests"])], [max(r["bests"]) - m]], xerr=xerr,
-                                fmt=marker, color=color, markersize=6.5, capsize=3, elinewidth=1.1)
-                handles.setdefault(r["name"], h)
-                if j == 0:
-                    ax.annotate(r["name"], (x, m), xytext=(7, 3), textcoords="offset points", fontsize=8,
-                                color=color)
-            ax.set_ylim(min(lows) - pad, max(highs) + pad)
-            ax.yaxis.set_major_locator(MaxNLocator(nbins=6 if i == 0 else 2, steps=[1, 2, 5, 10]))
-            step = ax.yaxis.get_major_locator().tick_values(*ax.get_ylim())
-            decimals = max(1, math.ceil(-math.log10(step[1] - step[0]) - 1e-9))   # 0.05 steps: 2 decimals
-            ax.yaxis.set_major_formatter(FormatStrFormatter(f"%.{decimals}f"))
-            if j:
-                ax.tick_params(labelleft=False)
-            if i < len(parts) - 1:
-                ax.tick_params(labelbottom=False, bottom=False)
-                ax.spines["bottom"].set_linestyle((0, (4, 3)))
-                ax.spines["bottom"].set_color("0.6")
-            else:
-                ax.set_xlabel(xlabel)
-            if i:
-                ax.spines["top"].set_visible(True)
-                ax.spines["top"].set_linestyle((0, (4, 3)))
-                ax.spines["top"].set_color("0.6")
-    for j, (_, xof, xspan) in enumerate(columns):  # one x range per column, across the broken axis
+        for j, (xlabel, xof, xspan) in enumerate(TRADEOFF_COLUMNS):
+            _tradeoff_points(axes[i][j], part, xof, xspan, handles, names=j == 0)
+            _tradeoff_axis(axes[i][j], part, xlabel, left=j == 0, top=i == 0, bottom=i == len(parts) - 1)
+    _tradeoff_xlims(axes, rows)
+    axes[0][0].set_ylabel("best test accuracy (%)")
+    if cut is not None:
+        axes[-1][0].set_ylabel("(axis broken)", fontsize=8, color="0.4")
+    _tradeoff_text(fig, rows, handles, latency_source, seconds_source)
+    _save(fig, path)
+
+
+def _tradeoff_points(ax, part, xof, xspan, handles, names):
+    """One panel's points: per recipe its mean accuracy with the seeds' min-max, at x (with its span);
+    the first errorbar of each recipe goes into `handles` for the legend; names: label the points."""
+    for r in part:
+        x = xof(r)
+        if x is None:
+            continue
+        m = statistics.mean(r["bests"])
+        xerr = None
+        if xspan:
+            a, b = xspan(r)
+            xerr = [[x - a], [b - x]]
+        color, marker = RECIPE_STYLE.get(r["name"], ("k", "o"))
+        h = ax.errorbar([x], [m], yerr=[[m - min(r["bests"])], [max(r["bests"]) - m]], xerr=xerr,
+                        fmt=marker, color=color, markersize=6.5, capsize=3, elinewidth=1.1)
+        handles.setdefault(r["name"], h)
+        if names:
+            ax.annotate(r["name"], (x, m), xytext=(7, 3), textcoords="offset points", fontsize=8, color=color)
+
+
+def _tradeoff_axis(ax, part, xlabel, left, top, bottom):
+    """One panel's y range and ticks for the recipes in it; y labels on the left column only, the x label
+    on the bottom row only, dashed spines where the y axis is broken."""
+    lows = [min(r["bests"]) for r in part]
+    highs = [max(r["bests"]) for r in part]
+    pad = max(0.08, (max(highs) - min(lows)) * 0.15)
+    ax.set_ylim(min(lows) - pad, max(highs) + pad)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6 if top else 2, steps=[1, 2, 5, 10]))
+    step = ax.yaxis.get_major_locator().tick_values(*ax.get_ylim())
+    decimals = max(1, math.ceil(-math.log10(step[1] - step[0]) - 1e-9))   # 0.05 steps: 2 decimals
+    ax.yaxis.set_major_formatter(FormatStrFormatter(f"%.{decimals}f"))
+    if not left:
+        ax.tick_params(labelleft=False)
+    if not bottom:
+        ax.tick_params(labelbottom=False, bottom=False)
+        ax.spines["bottom"].set_linestyle((0, (4, 3)))
+        ax.spines["bottom"].set_color("0.6")
+    else:
+        ax.set_xlabel(xlabel)
+    if not top:
+        ax.spines["top"].set_visible(True)
+        ax.spines["top"].set_linestyle((0, (4, 3)))
+        ax.spines["top"].set_color("0.6")
+
+
+def _tradeoff_xlims(axes, rows):
+    """One x range per column, the same across the broken axis; 'not measured' where a column has nothing."""
+    for j, (_, xof, xspan) in enumerate(TRADEOFF_COLUMNS):
         xs = [xof(r) for r in rows if xof(r) is not None]
         if xspan:
             xs += [v for r in rows for v in xspan(r)]
@@ -363,9 +391,10 @@ def plot_tradeoff(rows, latency_source, seconds_source, path):
         span = (max(xs) - min(xs)) or max(xs) or 1
         for row in axes:
             row[j].set_xlim(min(xs) - 0.12 * span, max(xs) + 0.25 * span)
-    axes[0][0].set_ylabel("best test accuracy (%)")
-    if cut is not None:
-        axes[-1][0].set_ylabel("(axis broken)", fontsize=8, color="0.4")
+
+
+def _tradeoff_text(fig, rows, handles, latency_source, seconds_source):
+    """The legend, the title, what the accuracy is, and the sources of latency and training time."""
     names = [r["name"] for r in rows if r["name"] in handles]
     fig.legend([handles[n] for n in names], names, loc="upper left", bbox_to_anchor=(0.068, 0.91),
                ncol=len(names), handletextpad=0.3, columnspacing=1.6)
@@ -375,9 +404,8 @@ def plot_tradeoff(rows, latency_source, seconds_source, path):
     fig.text(0.075, 0.915, f"Accuracy: the best of each run over the documented epochs; mean and min-max over "
              f"{'/'.join(map(str, n))} seed{'s' if n != [1] else ''} per recipe.", fontsize=8, color="0.25",
              va="bottom")
-    fig.text(0.075, 0.015, f"Latency: {latency_source or 'not available (BENCHMARKS.md has no CPU table)'}.\n"
+    fig.text(0.075, 0.015, f"Latency: {latency_source or f'not available (no {BENCH})'}.\n"
              f"Training: {seconds_source}", fontsize=7.5, color="0.25", va="bottom")
-    _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +536,7 @@ def write_report(results, extra, latency_source, path=REPORT):
               "per-epoch log on top; left all epochs, right the top of the range zoomed.", ""]
     lines += [f"![{name}]({FIGURES}/curves-{name}.png)" for name in results]
     lines += ["", f"![trade-off]({FIGURES}/tradeoff.png)", "",
-              f"Trade-off chart: latency from {latency_source or 'nowhere (BENCHMARKS.md has no CPU table)'}; "
+              f"Trade-off chart: latency from {latency_source or f'nowhere (no {BENCH})'}; "
               "training seconds per epoch from these runs' metrics.csv.", ""]
     lines += ["## Notes from the registry", "", *registry_notes(results), "", hand_written(path).rstrip("\n")]
     common.save_text("\n".join(lines) + "\n", path)

@@ -83,12 +83,12 @@ def test_documented_epoch_to_target():
     assert reproduce.documented_epoch_to(None) == (None, [])
 
 
-def test_benchmark_latency_from_benchmarks_md():
-    latency, source = reproduce.bench_latency(os.path.join(os.path.dirname(reproduce.__file__), "BENCHMARKS.md"))
+def test_benchmark_latency_from_bench_json():
+    latency, source = reproduce.bench_latency(os.path.join(os.path.dirname(reproduce.__file__), "bench-cpu.json"))
     assert sorted(latency) == sorted(models.RECIPES)
     assert all(0 < ms < 10 for ms in latency.values())
-    assert source.startswith("BENCHMARKS.md") and "commit" in source
-    assert reproduce.bench_latency("no-such-file.md") == ({}, None)
+    assert source.startswith("bench-cpu.json") and "commit" in source
+    assert reproduce.bench_latency("no-such-file.json") == ({}, None)
 
 
 def plot_all(tag):
