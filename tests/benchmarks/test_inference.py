@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import artifacts
+import common
 import export
 import models
 import train
@@ -22,7 +23,7 @@ def exported(request, tmp_path_factory):
     name = request.param
     model = models.build_model(name).eval()
     module = artifacts.Exportable(model).eval()
-    meta = artifacts.metadata(dict(model_name=name, test_acc=0.0, epoch=0))
+    meta = artifacts.metadata(common.make_checkpoint(name, model.state_dict(), 0, 0.0, models.n_params(model)))
     folder = tmp_path_factory.mktemp("bench")
     paths = {fmt: str(folder / (name + artifacts.FORMATS[fmt])) for fmt in ("onnx", "pt2", "aoti")}
     artifacts.write_onnx(module, paths["onnx"], meta, 18)
