@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -69,6 +70,31 @@ class Timer:
         return time.perf_counter() - t
 
 
+@dataclass
+class Settings:
+    """How a run measures, the same for every model and device: timed repeats (the median is reported),
+    batch-1 calls per latency figure, training steps per repeat (None: a whole epoch off the CPU, 30
+    with --quick, else 50), the seed pipeline's DataLoader workers, the fast-pipeline variants, the
+    inference backends, the images onnxruntime-int8 is calibrated on (None: not wanted), and where
+    progress lines go."""
+    repeats: int = 3
+    calls: int = 500
+    steps: int = None
+    quick: bool = False
+    workers: int = 2
+    variants: list = field(default_factory=lambda: list(VARIANTS))
+    backends: list = field(default_factory=lambda: list(BACKENDS))
+    calibration: object = None
+    progress: object = lambda what: None
+
+    def train_steps(self, name, device, n_images):
+        if self.steps:
+            return self.steps
+        if device.type != "cpu":
+            return math.ceil(n_images / models.RECIPES[name]["batch_size"])
+        return 30 if self.quick else 50
+
+
 # ---------------------------------------------------------------------------- training
 
 # fast-pipeline variants: the train.py flags each turns on, and the devices where it can differ
@@ -92,10 +118,12 @@ QUICK = ["eager", "amp", "amp+fast_dropout", "channels_last+amp+fast_dropout", "
          "cudagraphs"]
 
 
-def bench_train(name, device, images, labels, steps, repeats, variants, workers, progress):
-    """(records, skipped) of training images/s for the seed pipeline and each fast-pipeline variant.
-    A variant that fails (say, CUDA graphs on an unusual build) is noted in skipped, not fatal."""
+def bench_train(name, device, images, labels, opts):
+    """(records, skipped) of training images/s for the seed pipeline and each fast-pipeline variant of
+    `opts` (a Settings). A variant that fails (say, CUDA graphs on an unusual build) is noted in
+    skipped, not fatal."""
     recipe = models.RECIPES[name]
+    steps = opts.train_steps(name, device, len(labels))
     bs = recipe["batch_size"]
     timer = Timer(device)
     records, skipped = [], []
@@ -110,7 +138,7 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers,
         graph_skips = counters["inductor"]["cudagraph_skips"]
         rates = []
         # first pass: warm-up (compilation, graph capture, worker start-up, allocator), then timed repeats
-        for r in range(repeats + 1):
+        for r in range(opts.repeats + 1):
             loader, done = make_loader(), []
             seconds = timer(lambda: done.append(loop.train_epoch(trainer, itertools.islice(loader, steps), steps,
                                                                  progress=False)))
@@ -126,15 +154,15 @@ def bench_train(name, device, images, labels, steps, repeats, variants, workers,
 
     gen = data.generator(0, device)
     dev_x, dev_y = images.to(device), labels.to(device)
-    seed_loader = data.seed_loader(images.cpu(), labels.cpu(), bs, recipe["augment"], workers=workers,
+    seed_loader = data.seed_loader(images.cpu(), labels.cpu(), bs, recipe["augment"], workers=opts.workers,
                                    pin_memory=device.type == "cuda")
     todo = [("seed-pipeline", "eager", lambda: iter(seed_loader))]
     has_dropout = any(isinstance(m, torch.nn.Dropout) for m in recipe["model"]().modules())
     todo += [("fast-pipeline", v, lambda: data.batches(dev_x, dev_y, bs, recipe["augment"], gen=gen))
-             for v in variants if device.type in VARIANTS[v][1]
+             for v in opts.variants if device.type in VARIANTS[v][1]
              and (has_dropout or "fast_dropout" not in VARIANTS[v][0])]  # else it is the same as without
     for i, (backend, variant, make_loader) in enumerate(todo, 1):
-        progress(f"train {name} {device.type} {backend}/{variant} ({i} of {len(todo)})")
+        opts.progress(f"train {name} {device.type} {backend}/{variant} ({i} of {len(todo)})")
         try:
             measure(backend, variant, make_loader)
         except Exception as e:  # report and go on: one broken variant must not lose the whole table
@@ -174,19 +202,20 @@ def file_figures(path, load):
     return got, dict(load_ms=round(statistics.median(times[1:]) * 1000, 3), file_bytes=os.path.getsize(path))
 
 
-def inference_backends(name, device, tmp, wanted, progress=lambda what: None, calibration=None):
+def inference_backends(name, device, tmp, opts):
     """(backend -> function of a float32 [N, 1, 28, 28] [0, 1] tensor on `device` (onnxruntime: the .onnx
-    path; a session is made per thread count in bench_infer), the ONNX Runtime provider,
-    backend -> {load_ms, file_bytes} of the file a user would ship for it, skipped).
+    path; a session is made per thread count in bench_infer), backend -> {load_ms, file_bytes} of the
+    file a user would ship for it, skipped).
     Every backend that has a file runs what was loaded back from that file: eager a checkpoint,
     torchscript a .torchscript.pt (then frozen), onnxruntime a .onnx, pt2 a torch.export .pt2,
-    aoti an AOTInductor package compiled for `device`."""
+    aoti an AOTInductor package compiled for `device`; onnxruntime-int8 a .int8.onnx calibrated on
+    opts.calibration. `opts`: a Settings (its backends are the ones wanted)."""
     from torch._inductor import aoti_load_package
     model = models.build_model(name).eval()
     ckpt = make_checkpoint(name, model.state_dict(), 0, 0.0, models.n_params(model))
     meta = artifacts.metadata(ckpt)
     cpu_module = artifacts.Exportable(model).eval()
-    provider = "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
+    provider = ort_provider(device)
 
     def ort_load(path):
         import onnxruntime as ort
@@ -204,15 +233,15 @@ def inference_backends(name, device, tmp, wanted, progress=lambda what: None, ca
         pt2=(".pt2", lambda p: artifacts.write_pt2(cpu_module, p, meta), lambda p: torch.export.load(p).module()),
         aoti=(".aoti.pt2", lambda p: artifacts.write_aoti(cpu_module, p, meta, device.type), aoti_load_package),
     )
-    files["onnxruntime-int8"] = (".int8.onnx", lambda p: artifacts.write_onnx_int8(cpu_module, p, meta, 18, calibration),
-                                 ort_load)
+    files["onnxruntime-int8"] = (".int8.onnx", lambda p: artifacts.write_onnx_int8(cpu_module, p, meta, 18,
+                                                                                  opts.calibration), ort_load)
     loaded, figures, skipped = {}, {}, []
-    for backend in [b for b in wanted if b in files]:
+    for backend in [b for b in opts.backends if b in files]:
         suffix, write, load = files[backend]
         path = os.path.join(tmp, name + suffix)
         try:
             if backend == "aoti":
-                progress(f"infer {name} {device.type} aoti: compiling the package (a minute on 2 cores)")
+                opts.progress(f"infer {name} {device.type} aoti: compiling the package (a minute on 2 cores)")
             write(path)
             loaded[backend], figures[backend] = file_figures(path, load)
         except Exception as e:
@@ -233,14 +262,18 @@ def inference_backends(name, device, tmp, wanted, progress=lambda what: None, ca
                   **{"onnxruntime-int8": lambda: loaded["onnxruntime-int8"]},
                   aoti=lambda: no_grad(loaded["aoti"]))
     out = {}
-    for backend in wanted:
+    for backend in opts.backends:
         if backend in files and backend not in loaded and backend != "eager":
             continue  # its file failed: already in skipped
         try:
             out[backend] = makers[backend]()
         except Exception as e:
             skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
-    return out, provider, figures, skipped
+    return out, figures, skipped
+
+
+def ort_provider(device):
+    return "CUDAExecutionProvider" if device.type == "cuda" else "CPUExecutionProvider"
 
 
 def where(backend, device):
@@ -248,24 +281,39 @@ def where(backend, device):
     return "cpu" if backend in ORT and device.type == "mps" else device.type
 
 
-def bench_infer(name, device, threads_list, repeats, calls, wanted, progress, calibration=None):
-    """(records, skipped) of batch-1 latency and batch-1024 throughput for each backend and thread count,
-    and load time and file size for each backend that has a file. calibration: the images the
-    onnxruntime-int8 file is calibrated on (data.calibration_set)."""
+@dataclass
+class Target:
+    """One model on one device, as each of its inference timings sees it: the inputs (batch 1 and
+    BATCH_INFER, on the device), the timer, the ONNX Runtime provider and the run's Settings."""
+    name: str
+    device: torch.device
+    opts: Settings
+    provider: str = None
+    timer: Timer = None
+    x1: torch.Tensor = None
+    xb: torch.Tensor = None
+
+    def __post_init__(self):
+        self.provider = ort_provider(self.device)
+        self.timer = Timer(self.device)
+        self.x1 = torch.rand(1, 1, 28, 28, device=self.device)
+        self.xb = torch.rand(BATCH_INFER, 1, 28, 28, device=self.device)
+
+
+def bench_infer(name, device, threads_list, opts):
+    """(records, skipped) of batch-1 latency and batch-1024 throughput for each backend of `opts` (a
+    Settings) and thread count, and load time and file size for each backend that has a file."""
     records = []
-    timer = Timer(device)
-    x1 = torch.rand(1, 1, 28, 28, device=device)
-    xb = torch.rand(BATCH_INFER, 1, 28, 28, device=device)
     with tempfile.TemporaryDirectory() as tmp:
-        backends, provider, figures, skipped = inference_backends(name, device, tmp, wanted, progress, calibration)
+        target = Target(name, device, opts)
+        backends, figures, skipped = inference_backends(name, device, tmp, opts)
         todo = [(t, b) for t in threads_list for b in backends]
         for i, (threads, backend) in enumerate(todo, 1):
-            progress(f"infer {name} {device.type} {backend}, threads {threads or '-'} ({i} of {len(todo)})")
+            opts.progress(f"infer {name} {device.type} {backend}, threads {threads or '-'} ({i} of {len(todo)})")
             if device.type == "cpu":
                 torch.set_num_threads(threads)
             try:
-                got = time_backend(name, device, backend, backends[backend], provider, threads, timer, x1, xb,
-                                   repeats, calls)
+                got = time_backend(target, backend, backends[backend], threads)
                 records += got
                 if any("note" in r for r in got):
                     skipped.append(f"infer {name} {device.type} {backend}: {got[0]['note']}")
@@ -293,21 +341,23 @@ def ort_runners(sess, provider, x1, xb):
     return (lambda: sess.run(None, {"image": a1})), (lambda: sess.run(None, {"image": ab}))
 
 
-def time_backend(name, device, backend, fn, provider, threads, timer, x1, xb, repeats, calls):
+def time_backend(t, backend, fn, threads):
+    """The p50, p99 and batch-BATCH_INFER records of one backend's function `fn` (onnxruntime: its file)
+    on Target `t` at `threads`."""
     graph_skips = counters["inductor"]["cudagraph_skips"]
     if backend in ORT:
-        sess = artifacts.ort_session(fn, threads, provider)  # threads is None off the CPU
-        run1, runb = ort_runners(sess, provider, x1, xb)
+        sess = artifacts.ort_session(fn, threads, t.provider)  # threads is None off the CPU
+        run1, runb = ort_runners(sess, t.provider, t.x1, t.xb)
     else:
-        run1, runb = (lambda: fn(x1)), (lambda: fn(xb))
-    for _ in range(max(10, calls // 10)):   # warm-up (compile, graph capture, allocator, caches)
+        run1, runb = (lambda: fn(t.x1)), (lambda: fn(t.xb))
+    for _ in range(max(10, t.opts.calls // 10)):   # warm-up (compile, graph capture, allocator, caches)
         run1()
     runb()
     runb()
-    lat = sorted(timer(run1) * 1000 for _ in range(calls))
-    rates = [BATCH_INFER / timer(runb) for _ in range(repeats)]
-    base = dict(task="infer", model=name, device=where(backend, device), backend=backend, threads=threads)
-    if backend == "compile" and device.type == "cuda" and counters["inductor"]["cudagraph_skips"] > graph_skips:
+    lat = sorted(t.timer(run1) * 1000 for _ in range(t.opts.calls))
+    rates = [BATCH_INFER / t.timer(runb) for _ in range(t.opts.repeats)]
+    base = dict(task="infer", model=t.name, device=where(backend, t.device), backend=backend, threads=threads)
+    if backend == "compile" and t.device.type == "cuda" and counters["inductor"]["cudagraph_skips"] > graph_skips:
         base["note"] = "inductor skipped CUDA graphs (see its warning): this is torch.compile alone"
     return [dict(base, batch_size=1, metric="p50_ms", value=round(lat[len(lat) // 2], 4), unit="ms"),
             dict(base, batch_size=1, metric="p99_ms", value=round(lat[math.ceil(len(lat) * 0.99) - 1], 4), unit="ms"),
@@ -395,7 +445,7 @@ def warnings_about_load(env, records):
     return lines
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(description="Benchmark training throughput and inference latency, side by side.")
     p.add_argument("--model", nargs="+", help="models (default: gap10k with --quick, else all five)")
     p.add_argument("--device", nargs="+", help="cpu, cuda, mps (default: every one present; cpu with --quick)")
@@ -415,72 +465,81 @@ def main(argv=None):
     p.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, then ./data)")
     p.add_argument("--json", help="also write {environment, records} to this file (default: none)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed pipeline (default 2)")
-    args = p.parse_args(argv)
+    return p
+
+
+def settings(args):
+    """(models, devices, Settings) of the command line, every choice checked before anything runs."""
+    names = args.model or (["gap10k"] if args.quick else list(models.RECIPES))
+    for n in names:
+        models.get_recipe(n)
+    check_at_least(args, 1, "steps", "repeats", "calls")
+    check_at_least(args, 0, "workers")
+    if args.json:
+        check_out_file(args.json, "--json")  # fail now, not after the run
+    if args.device:
+        devices = [get_device(d) for d in args.device]
+    else:
+        devices = [torch.device(d) for d in (["cpu"] if args.quick else devices_present())]
+    opts = Settings(repeats=args.repeats or 3, calls=args.calls or (200 if args.quick else 500), steps=args.steps,
+                    quick=args.quick, workers=args.workers,
+                    variants=args.variant or (QUICK if args.quick else list(VARIANTS)), backends=args.backend,
+                    progress=lambda what: print(f"  {what}", file=sys.stderr, flush=True))
+    return names, devices, opts
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     stopped = "interrupted: " + (f"{args.json} holds what was measured before" if args.json else "nothing written")
     with one_line_errors(stopped):
-        names = args.model or (["gap10k"] if args.quick else list(models.RECIPES))
-        for n in names:
-            models.get_recipe(n)
-        check_at_least(args, 1, "steps", "repeats", "calls")
-        check_at_least(args, 0, "workers")
-        if args.json:
-            check_out_file(args.json, "--json")  # fail now, not after the run
-        if args.device:
-            devices = [get_device(d) for d in args.device]
-        else:
-            devices = [torch.device(d) for d in (["cpu"] if args.quick else devices_present())]
+        names, devices, opts = settings(args)
         images, labels = data.load("train", args.data_dir)
         cores = os.cpu_count()
-        repeats = args.repeats or 3
-        calls = args.calls or (200 if args.quick else 500)
         threads_list = sorted({1, cores})
-        variants = args.variant or (QUICK if args.quick else list(VARIANTS))
         env = environment(devices, threads_list)
         records, skipped = [], []
-
-        def progress(what):
-            print(f"  {what}", file=sys.stderr, flush=True)
 
         def keep(records, skipped):  # after each task of each model, so a run stopped part-way keeps its figures
             if args.json:
                 save_json(dict(environment=dict(env, partial=True, skipped=skipped), records=records), args.json)
 
-        calibration = data.calibration_set(args.data_dir) if "onnxruntime-int8" in args.backend else None
+        if "onnxruntime-int8" in opts.backends:
+            opts.calibration = data.calibration_set(args.data_dir)
         for device in devices:
-            if "amp" in " ".join(variants) and device.type == "cuda":
+            if "amp" in " ".join(opts.variants) and device.type == "cuda":
                 models.check_amp(device)
             for name in names:
                 if "train" in args.task:
                     torch.set_num_threads(cores)
-                    bs = models.RECIPES[name]["batch_size"]
-                    steps = args.steps or (math.ceil(len(labels) / bs) if device.type != "cpu"
-                                           else 30 if args.quick else 50)
-                    got, bad = bench_train(name, device, images, labels, steps, repeats, variants, args.workers,
-                                           progress)
+                    got, bad = bench_train(name, device, images, labels, opts)
                     records, skipped = records + got, skipped + bad
                     print(f"train {name} {device.type}: " + ", ".join(
                         f"{r['backend']}/{r['variant']} {r['value']:,.0f} img/s" for r in got), flush=True)
                     keep(records, skipped)
                 if "infer" in args.task:
-                    got, bad = bench_infer(name, device, threads_list if device.type == "cpu" else [None], repeats,
-                                           calls, args.backend, progress, calibration)
+                    got, bad = bench_infer(name, device, threads_list if device.type == "cpu" else [None], opts)
                     records, skipped = records + got, skipped + bad
                     print(f"infer {name} {device.type}: done", flush=True)
                 keep(records, skipped)
         torch.set_num_threads(cores)
         env.update(skipped=skipped, load_after=load_average())
-        print()
-        print(f"{env['cpu']} ({cores} cores), {env['gpu'] or 'no GPU'}; torch {env['torch']}, "
-              f"onnxruntime {env['onnxruntime']}; {env['date']}; commit {env['git_commit']}")
-        print()
-        print(markdown(records))
-        if skipped:
-            print("\nnot measured:\n" + "\n".join(f"- {s}" for s in skipped))
-        for line in warnings_about_load(env, records):
-            print(line)
-        if args.json:
-            save_json(dict(environment=env, records=records), args.json)
-            print(f"\nwrote {args.json}")
+        report(env, records, skipped, args.json)
+
+
+def report(env, records, skipped, json_path):
+    """The closing printout (machine, table, what was not measured, load warnings) and the --json file."""
+    print()
+    print(f"{env['cpu']} ({env['cores']} cores), {env['gpu'] or 'no GPU'}; torch {env['torch']}, "
+          f"onnxruntime {env['onnxruntime']}; {env['date']}; commit {env['git_commit']}")
+    print()
+    print(markdown(records))
+    if skipped:
+        print("\nnot measured:\n" + "\n".join(f"- {s}" for s in skipped))
+    for line in warnings_about_load(env, records):
+        print(line)
+    if json_path:
+        save_json(dict(environment=env, records=records), json_path)
+        print(f"\nwrote {json_path}")
 
 
 if __name__ == "__main__":

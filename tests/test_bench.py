@@ -151,7 +151,7 @@ def test_aoti_backend_times_a_package_and_reports_its_file(tmp_path, mnist_dir, 
 def test_a_run_stopped_part_way_keeps_what_it_measured(tmp_path, mnist_dir, monkeypatch, capsys):
     """The H100 run's bench was cut short twice (time box, a C++ abort in inductor): the JSON holds
     every model finished before, marked partial; the table has no empty training section."""
-    def fake_infer(name, device, threads, repeats, calls, backends, progress):
+    def fake_infer(name, device, threads, opts):
         if name == "gap10k":
             raise KeyboardInterrupt
         return [dict(task="infer", model=name, device="cpu", backend="eager", threads=1, batch_size=1,
