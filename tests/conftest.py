@@ -33,6 +33,18 @@ def mnist_dir():
 
 
 @pytest.fixture(scope="session")
+def forked(mnist_dir, tmp_path_factory):
+    """The scripts' command lines as real processes, each forked from one server that imported torch
+    and the scripts once (forked_cli.py): forked.run("train.py", *args, cwd=...) gives returncode,
+    stdout and stderr; forked.start(...) a running child to signal. MNIST_DIR is set, one thread each."""
+    import forked_cli
+    env = dict(os.environ, MNIST_DIR=mnist_dir, OMP_NUM_THREADS="1")
+    server = forked_cli.ForkServer(ROOT, env, tmp_path_factory.mktemp("cli-io"))
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory, mnist_dir):
     """A real (short) training run: bn_fc, one epoch on 4,096 images. Returns its run folder."""
     import train
