@@ -55,6 +55,18 @@ def trained(tmp_path_factory, mnist_dir):
 
 
 @pytest.fixture(scope="session")
+def gap10k_run(tmp_path_factory, mnist_dir):
+    """A real short gap10k run on the CPU: two epochs on 512 images, seed 1. Returns (summary, run
+    folder). test_train reads its files, test_devices (on the CPU) checks a stopped and resumed run
+    against it: the same arguments both tests trained with on their own before."""
+    import train
+    out = tmp_path_factory.mktemp("gap10k") / "run"
+    summary = train.run(train.parse_args(["--model", "gap10k", "--device", "cpu", "--data-dir", mnist_dir, "--subset",
+                                          "512", "--epochs", "2", "--no-progress", "--out", str(out)]))
+    return summary, out
+
+
+@pytest.fixture(scope="session")
 def exports(trained, mnist_dir, tmp_path_factory):
     """Every format export.py writes, of the `trained` checkpoint, each verified by export.export on
     the whole test set; done once per session (the AOTInductor compile takes about a minute on 2 cores).
