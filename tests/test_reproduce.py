@@ -130,6 +130,8 @@ def test_no_train_writes_report_figures_and_pretrained_and_keeps_the_hand_writte
                                                          "bn_fc": (99.64, 10)}
     assert "(n=3)" in report and "bn_fc 1, 2, 3" in report           # the unfinished seed 4 is left out
     assert "| bn_fc | 4, 4, 4 |" in report                            # first epoch at >= 99.0% per seed
+    assert "## How sure are these numbers?" in report and "exact McNemar p = " in report  # shipped bn_fc vs gap10k
+    assert "| bn_fc | 99.64% [99.50-99.74] | " in report and "no run with --val" in report
     for f in ("curves-gap10k.png", "curves-bn_fc.png", "tradeoff.png"):
         assert f"figures/{f}" in report and (workdir / "figures" / f).stat().st_size > 10_000
     ckpt = torch.load(workdir / "pretrained" / "bn_fc.pt", weights_only=True)
@@ -164,3 +166,18 @@ def test_the_report_says_what_the_runs_say_of_threads():
     assert reproduce.threads([{"threads": 1}, {"threads": 2}]) == "Torch CPU threads: 1, 2."
     assert reproduce.threads([{"threads": 1}, {}]) == "Torch CPU threads: 1; 1 run(s) from before threads were recorded."
     assert reproduce.threads([{}]) == "1 run(s) from before threads were recorded."
+
+
+def test_honest_table_intervals_and_the_validation_column():
+    """t interval of the seed means (n - 1 = 2 degrees of freedom: t = 4.303) and the documented figure
+    against it; the validation-chosen figures where the runs have them."""
+    runs = [dict(best_test_acc=a, val_chosen_test_acc=v) for a, v in ((99.53, 99.50), (99.62, 99.58), (99.63, 99.60))]
+    row = reproduce.honest_table({"bn_gap": runs})[2]
+    mean, sd = 99.59333, 0.05508
+    half = 4.302653 * sd / 3 ** 0.5
+    assert f"[{mean - half:.2f}-{mean + half:.2f}]" == "[99.46-99.73]" and "[99.46-99.73]" in row
+    assert row.startswith("| bn_gap | 99.55% [") and "| yes |" in row and "99.56 +- 0.05 (n=3)" in row
+    low = reproduce.honest_table({"bn_fc": [dict(best_test_acc=a) for a in (99.50, 99.52, 99.51)]})[2]
+    assert "| no: above it |" in low and "no run with --val" in low
+    one = reproduce.honest_table({"gap10k": [dict(best_test_acc=99.4)]})[2]
+    assert "n=1: no interval" in one
