@@ -76,7 +76,7 @@ def test_device_predictions_match_cpu_and_exports(tmp_path, mnist_dir, device):
     dev = models.log_probs(model.to(device), x)
     assert torch.equal(cpu.argmax(1), dev.argmax(1)) and (cpu - dev).abs().max() < 1e-4
     path = str(tmp_path / "m.onnx")
-    ck = dict(model_name="bn_fc", test_acc=0.0, epoch=0)
+    ck = common.make_checkpoint("bn_fc", model.state_dict(), 0, 0.0, models.n_params(model))
     artifacts.write_onnx(artifacts.Exportable(model.cpu()).eval(), path, artifacts.metadata(ck), 18)
     got = artifacts.log_probs(path, x)
     assert torch.equal(got.argmax(1), dev.argmax(1)) and (got - dev).abs().max() < 1e-4
