@@ -119,7 +119,7 @@ def mean_std(values, title=False):
 
 
 def interval(ci):
-    return "n=1: none" if ci is None else f"{ci[0]:.2f}-{ci[1]:.2f}"
+    return "" if ci is None else f" [{ci[0]:.2f}-{ci[1]:.2f}]"
 
 
 def honest_table(results):
@@ -139,11 +139,11 @@ def honest_table(results):
             f"no: {'above' if doc > ci[1] else 'below'} it"
         if name == TRAIN_SET_FIGURE:
             inside = "not comparable: the seed's figure is on the training set"
-        honest = f"{mean_std(chosen)} [{interval(common.mean_ci95(chosen))}]" if chosen else "no run with --val"
+        honest = f"{mean_std(chosen)}{interval(common.mean_ci95(chosen))}" if chosen else "no run with --val"
         if chosen and len(chosen) < len(runs):
             honest += f"; {len(runs) - len(chosen)} run(s) without --val"
-        lines.append(f"| {name} | {doc:.2f}% [{interval(common.ci95(round(doc * 100), 10000))}] | "
-                     f"{mean_std(bests)} [{interval(ci)}] | {inside} | {honest} |")
+        lines.append(f"| {name} | {doc:.2f}%{interval(common.ci95(round(doc * 100), 10000))} | "
+                     f"{mean_std(bests)}{interval(ci)} | {inside} | {honest} |")
     return lines
 
 
