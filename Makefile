@@ -13,8 +13,8 @@ install:  ## python3 -m venv .venv, then pip install -r requirements.txt
 	python3 -m venv .venv
 	.venv/bin/pip install -r requirements.txt
 
-test:  ## the test suite (what CI runs)
-	$(PY) -m pytest
+test:  ## the test suite (what CI runs): two xdist workers, one torch thread each
+	$(PY) -m pytest -n 2
 
 train:  ## train MODEL (default bn_gap) with its recipe; ARGS="--epochs 1" etc.
 	$(PY) train.py --model $(MODEL) $(ARGS)

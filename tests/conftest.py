@@ -7,6 +7,99 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 SHARED_MNIST = os.path.join(ROOT, "..", "shared", "mnist")
 
+# inductor compiles kernels in-process instead of starting a pool of worker processes (each imports
+# torch) for the few kernels a test compiles: the same generated code, less CPU on 2 cores
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # set by xdist before this file loads, and before torch is imported
+    # two workers share two cores: a thread that waits for work sleeps instead of spinning on a core
+    # the other worker needs (what bench.py's two-thread figures and its training otherwise cost twice)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# With pytest-xdist (make test: pytest -n 2; not in pytest.ini, where it would switch pytest-benchmark
+# off for make bench-pytest), the tests that share an expensive fixture run in one worker, so it is
+# built once: the session's exports and gap10k_run, and each module's module-scoped fixtures; an
+# explicit xdist_group mark names its own group. xdist 3.8's loadgroup reads groups from renamed
+# node ids, which pytest 9 no longer allows, so the workers write their groups down and the
+# controller's scheduler (below) reads them.
+SHARED_SESSION_FIXTURES = ("exports", "gap10k_run")
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):  # two workers on two cores: one torch thread each
+        import torch
+        torch.set_num_threads(1)
+    elif getattr(config.option, "numprocesses", None):
+        import tempfile
+        config.test_groups = tempfile.mkdtemp(prefix="pytest-groups-")
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "test_groups", None):
+        import shutil
+        shutil.rmtree(config.test_groups, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """A test that sets torch's thread count (bench.py does, export.verify for its batch-1 pass) leaves
+    the next test the count it found."""
+    import torch
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def xdist_group_of(item):
+    """The xdist group of a collected test, or None: it can go to any worker."""
+    mark = item.get_closest_marker("xdist_group")
+    if mark:
+        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+    used = getattr(item, "fixturenames", ())
+    group = next((f for f in SHARED_SESSION_FIXTURES if f in used), None)
+    if group is None:
+        defs = getattr(item, "_fixtureinfo", None)
+        scopes = {d[-1].scope for d in (defs.name2fixturedefs.values() if defs else ()) if d}
+        group = getattr(item, "module", None) and item.module.__name__ if "module" in scopes else None
+    return group
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    folder = getattr(config, "workerinput", {}).get("test_groups")
+    if folder:
+        import json
+        groups = {item.nodeid: g for item in items if (g := xdist_group_of(item))}
+        with open(os.path.join(folder, config.workerinput["workerid"] + ".json"), "w") as f:
+            json.dump(groups, f)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["test_groups"] = node.config.test_groups
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") not in ("load", "loadgroup"):  # -n alone means load
+        return None
+    import glob
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Grouped(LoadScopeScheduling):
+        """Whole groups to one worker (the biggest first), every other test on its own."""
+        groups = None
+
+        def _split_scope(self, nodeid):
+            if self.groups is None:  # called once every worker has collected (and written its groups)
+                self.groups = {}
+                for path in glob.glob(os.path.join(config.test_groups, "*.json")):
+                    self.groups.update(json.load(open(path)))
+            return self.groups.get(nodeid, nodeid)
+    return Grouped(config, log)
+
 
 @pytest.fixture(scope="session")
 def mnist_dir():
@@ -46,12 +139,37 @@ def forked(mnist_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, mnist_dir):
-    """A real (short) training run: bn_fc, one epoch on 4,096 images. Returns its run folder."""
+    """A real (short) training run: bn_fc, one epoch on 4,096 images. Returns its run folder. With
+    xdist the first worker that needs it trains it and the others get a copy (once_per_run)."""
     import train
-    out = tmp_path_factory.mktemp("trained") / "bn_fc"
-    train.run(train.parse_args(["--model", "bn_fc", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "4096",
-                                "--epochs", "1", "--no-progress", "--out", str(out)]))
-    return out
+
+    def make(folder):
+        train.run(train.parse_args(["--model", "bn_fc", "--device", "cpu", "--data-dir", mnist_dir, "--subset",
+                                    "4096", "--epochs", "1", "--no-progress", "--out", str(folder / "bn_fc")]))
+    return once_per_run(tmp_path_factory, "trained", make) / "bn_fc"
+
+
+def once_per_run(tmp_path_factory, name, make):
+    """A fresh folder that make(folder) fills. Under xdist it is made once for the whole run, by the
+    first worker that asks (the others wait for it under a file lock), and each worker gets its own
+    copy to use as it likes; without xdist, simply made."""
+    mine = tmp_path_factory.mktemp(name)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        make(mine)
+        return mine
+    import shutil
+
+    from filelock import FileLock  # a dependency of torch's
+    root = tmp_path_factory.getbasetemp().parent  # shared by the workers of this run
+    made, done = root / f"{name}.made", root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(made, ignore_errors=True)
+            made.mkdir()
+            make(made)
+            done.touch()
+    shutil.copytree(made, mine, dirs_exist_ok=True)
+    return mine
 
 
 @pytest.fixture(scope="session")
