@@ -651,7 +651,8 @@ def main(argv=None):
                    help="auto, cpu, cuda or mps: where to train and to score conv4_fc on the training set "
                         "(default: auto = CUDA, then MPS, then CPU)")
     p.add_argument("--data-dir", metavar="DIR",
-                   help="MNIST folder (default: $MNIST_DIR, else ./data); --no-train needs it only for conv4_fc")
+                   help="MNIST folder (default: $MNIST_DIR, else ./data); --no-train needs it for conv4_fc's "
+                        "training-set score and the McNemar test between the two best shipped checkpoints")
     p.add_argument("--val", type=int, default=5000, metavar="N",
                    help="training images each new run holds out to choose its best.pt on (train.py --val; default "
                         "5000; 0 trains on all 60,000 and chooses by test accuracy, as the seeds did)")

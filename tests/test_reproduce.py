@@ -114,14 +114,14 @@ def test_figures_are_the_same_bytes_every_time(workdir):
         assert b"matplotlib" not in png and b"Software" not in png   # no version, no date in the file
 
 
-def test_no_train_writes_report_figures_and_pretrained_and_keeps_the_hand_written_part(workdir, capsys):
+def test_no_train_writes_report_figures_and_pretrained_and_keeps_the_hand_written_part(workdir, capsys, mnist_dir):
     for seed, shift in ((1, 0.0), (2, 0.06), (3, -0.04)):
         fake_run("gap10k", seed, curve("gap10k", shift), checkpoint=seed == 1)
         fake_run("bn_fc", seed, curve("bn_fc", shift), checkpoint=seed == 1)
     fake_run("bn_fc", 4, curve("bn_fc"), epochs_done=2)
     mine = f"{reproduce.MARKER}\n\n## Analysis\n\nWritten by hand: 99.99% on a toaster.\n"
     (workdir / "REPRODUCTION.md").write_text("# old generated text, 12.34% somewhere\n\n" + mine)
-    reproduce.main(["--no-train", "--models", "gap10k", "bn_fc"])
+    reproduce.main(["--no-train", "--models", "gap10k", "bn_fc", "--data-dir", mnist_dir])  # McNemar reads the test set
     report = (workdir / "REPRODUCTION.md").read_text()
     assert report.endswith(mine) and report.count(reproduce.MARKER) == 1
     assert "12.34%" not in report
@@ -137,7 +137,7 @@ def test_no_train_writes_report_figures_and_pretrained_and_keeps_the_hand_writte
     ckpt = torch.load(workdir / "pretrained" / "bn_fc.pt", weights_only=True)
     assert (ckpt["test_acc"], ckpt["epoch"]) == (99.64, 10)
     before = {p: p.read_bytes() for p in workdir.glob("**/*") if p.is_file() and "runs" not in p.parts}
-    reproduce.main(["--no-train", "--models", "gap10k", "bn_fc"])
+    reproduce.main(["--no-train", "--models", "gap10k", "bn_fc", "--data-dir", mnist_dir])
     after = {p: p.read_bytes() for p in workdir.glob("**/*") if p.is_file() and "runs" not in p.parts}
     changed = [str(p) for p in before if before[p] != after[p] and p.suffix != ".pt"]
     assert not changed and before.keys() == after.keys()   # same runs, same report and figures
