@@ -17,11 +17,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # set by xdist before this file loads
 
 # With pytest-xdist (make test: pytest -n 2; not in pytest.ini, where it would switch pytest-benchmark
 # off for make bench-pytest), the tests that share an expensive fixture run in one worker, so it is
-# built once: the session's exports and gap10k_run, and each module's module-scoped fixtures; an
+# built once: the session's exports, gap10k_run and pretrained_log_probs, and each module's module-scoped
+# fixtures; an
 # explicit xdist_group mark names its own group. xdist 3.8's loadgroup reads groups from renamed
 # node ids, which pytest 9 no longer allows, so the workers write their groups down and the
 # controller's scheduler (below) reads them.
-SHARED_SESSION_FIXTURES = ("exports", "gap10k_run")
+SHARED_SESSION_FIXTURES = ("exports", "gap10k_run", "pretrained_log_probs")
 
 
 def pytest_configure(config):
@@ -172,16 +173,43 @@ def once_per_run(tmp_path_factory, name, make):
     return mine
 
 
+GAP10K_RUN = ["--model", "gap10k", "--device", "cpu", "--subset", "512", "--epochs", "2", "--no-progress"]
+
+
 @pytest.fixture(scope="session")
 def gap10k_run(tmp_path_factory, mnist_dir):
-    """A real short gap10k run on the CPU: two epochs on 512 images, seed 1. Returns (summary, run
-    folder). test_train reads its files, test_devices (on the CPU) checks a stopped and resumed run
-    against it: the same arguments both tests trained with on their own before."""
+    """A real short gap10k run on the CPU (GAP10K_RUN: two epochs on 512 images, seed 1) with one torch
+    thread, as the `forked` runs have. Returns (summary, run folder). test_train reads its files;
+    test_devices (on the CPU, one thread) and test_reliability (a killed and resumed train.py) check
+    that a stopped and resumed run ends where this uninterrupted one does."""
+    import torch
+
     import train
     out = tmp_path_factory.mktemp("gap10k") / "run"
-    summary = train.run(train.parse_args(["--model", "gap10k", "--device", "cpu", "--data-dir", mnist_dir, "--subset",
-                                          "512", "--epochs", "2", "--no-progress", "--out", str(out)]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train.run(train.parse_args([*GAP10K_RUN, "--data-dir", mnist_dir, "--out", str(out)]))
+    finally:
+        torch.set_num_threads(threads)
     return summary, out
+
+
+@pytest.fixture(scope="session")
+def pretrained_log_probs(mnist_dir):
+    """name -> models.log_probs of the committed pretrained/<name>.pt on the 10,000 test images, each
+    computed once: test_pretrained scores them, test_compare checks compare.py against them."""
+    import common
+    import data
+    import models
+    images, cache = data.load("test", mnist_dir)[0], {}
+
+    def get(name):
+        if name not in cache:
+            ckpt = common.load_checkpoint(os.path.join(ROOT, "pretrained", name + ".pt"))
+            cache[name] = models.log_probs(models.from_checkpoint(ckpt), images)
+        return cache[name]
+    return get
 
 
 @pytest.fixture(scope="session")
