@@ -79,8 +79,9 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, forked, gap1
 
 
 def test_ctrl_c_stops_cleanly(tmp_path, mnist_dir):
-    """A fresh interpreter (not a fork): Ctrl-C as Python itself sets it up for a script."""
-    proc = fresh_process("train.py", *TRAIN, "--out", "run", cwd=tmp_path, mnist_dir=mnist_dir)
+    """A fresh interpreter (not a fork): Ctrl-C as Python itself sets it up for a script. bn_fc, whose
+    test-set pass is the cheapest (the loop and its files are the same for every model)."""
+    proc = fresh_process("train.py", *TRAIN, "--model", "bn_fc", "--out", "run", cwd=tmp_path, mnist_dir=mnist_dir)
     csv_path = tmp_path / "run" / "metrics.csv"
     deadline = time.time() + 240
     while not csv_path.exists():
@@ -177,7 +178,8 @@ def poison_loss(monkeypatch, first_bad_step):
 
 
 def nan_run(tmp_path, mnist_dir, *extra):
-    return train.parse_args(["--model", "gap10k", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "256",
+    """bn_fc (batch 128, like gap10k's): the cheapest test-set pass; the loop is every model's."""
+    return train.parse_args(["--model", "bn_fc", "--device", "cpu", "--data-dir", mnist_dir, "--subset", "256",
                              "--no-progress", "--out", str(tmp_path / "run"), *extra])
 
 

@@ -53,7 +53,9 @@ def test_best_saved_only_on_improvement(tmp_path, mnist_dir, monkeypatch):
 
 
 def test_torchvision_pipeline_trains(tmp_path, mnist_dir):
-    summary, out = run(tmp_path, mnist_dir, "--pipeline", "torchvision", "--workers", "0", "--subset", "256")
+    """bn_fc: the cheapest test-set pass, and the richest transform (RandomAffine: rotation and shift)."""
+    summary, out = run(tmp_path, mnist_dir, "--pipeline", "torchvision", "--workers", "0", "--subset", "256",
+                       "--model", "bn_fc")
     assert summary["pipeline"] == "torchvision" and len(rows(out)) == 1
 
 
