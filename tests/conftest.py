@@ -17,12 +17,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # set by xdist before this file loads
 
 # With pytest-xdist (make test: pytest -n 2; not in pytest.ini, where it would switch pytest-benchmark
 # off for make bench-pytest), the tests that share an expensive fixture run in one worker, so it is
-# built once: the session's exports, gap10k_run and pretrained_log_probs, and each module's module-scoped
-# fixtures; an
-# explicit xdist_group mark names its own group. xdist 3.8's loadgroup reads groups from renamed
-# node ids, which pytest 9 no longer allows, so the workers write their groups down and the
-# controller's scheduler (below) reads them.
-SHARED_SESSION_FIXTURES = ("exports", "gap10k_run", "pretrained_log_probs")
+# built once: the session's exports (and aoti_package), gap10k_run and pretrained_log_probs, and each
+# module's module-scoped fixtures; an explicit xdist_group mark names its own group. xdist 3.8's
+# loadgroup reads groups from renamed node ids, which pytest 9 no longer allows, so the workers
+# write their groups down and the controller's scheduler (below) reads them.
+SHARED_SESSION_FIXTURES = {"exports": "exports", "aoti_package": "exports", "gap10k_run": "gap10k_run",
+                           "pretrained_log_probs": "pretrained_log_probs"}  # fixture: its group
 
 
 def pytest_configure(config):
@@ -57,7 +57,7 @@ def xdist_group_of(item):
     if mark:
         return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
     used = getattr(item, "fixturenames", ())
-    group = next((f for f in SHARED_SESSION_FIXTURES if f in used), None)
+    group = next((g for f, g in SHARED_SESSION_FIXTURES.items() if f in used), None)
     if group is None:
         defs = getattr(item, "_fixtureinfo", None)
         scopes = {d[-1].scope for d in (defs.name2fixturedefs.values() if defs else ()) if d}
@@ -214,14 +214,30 @@ def pretrained_log_probs(mnist_dir):
 
 @pytest.fixture(scope="session")
 def exports(trained, mnist_dir, tmp_path_factory):
-    """Every format export.py writes, of the `trained` checkpoint, each verified by export.export on
-    the whole test set; done once per session (the AOTInductor compile takes about a minute on 2 cores).
+    """Every format export.py writes but two, of the `trained` checkpoint, each verified by export.export
+    on the whole test set; done once per session. int8 has its own tests (test_int8.py), and the
+    AOTInductor package its own fixture (aoti_package), for the slow tests only.
     Returns (folder, checkpoint, {format: (path, figures)}); tests copy files out, never change them."""
     import artifacts
     import common
     import export
     out = tmp_path_factory.mktemp("exports")
     ckpt = common.load_checkpoint(str(trained / "best.pt"))
-    fp32 = [fmt for fmt in artifacts.FORMATS if fmt != "onnx-int8"]  # int8 has its own tests (test_int8.py)
+    fp32 = [fmt for fmt in artifacts.FORMATS if fmt not in ("onnx-int8", "aoti")]
     figures = {fmt: export.export(ckpt, fmt, str(out), 18, mnist_dir, 1e-4) for fmt in fp32}
     return out, ckpt, figures
+
+
+@pytest.fixture(scope="session")
+def aoti_package(trained, mnist_dir, tmp_path_factory):
+    """The `trained` checkpoint as an AOTInductor package through export.export (compiled for this CPU,
+    verified on the whole test set at batch 1000 and 1), in a folder of its own with its manifest.
+    Returns (path, checkpoint, figures). Its C++ compile is the most expensive single step of the
+    suite (about 20 s of CPU), so only tests marked slow use it: pytest -m slow (.ci/run runs them
+    after make test's suite)."""
+    import common
+    import export
+    out = tmp_path_factory.mktemp("aoti")
+    ckpt = common.load_checkpoint(str(trained / "best.pt"))
+    path, figures = export.export(ckpt, "aoti", str(out), 18, mnist_dir, 1e-4)
+    return path, ckpt, figures

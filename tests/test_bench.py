@@ -130,13 +130,15 @@ def test_onnxruntime_on_cuda_keeps_data_on_the_gpu():
     assert calls[1][0] == "out" and calls[1][1][:2] == ("log_probs", "cuda") and calls[-1] == ("run",)
 
 
-def test_aoti_backend_times_a_package_and_reports_its_file(tmp_path, mnist_dir, exports, monkeypatch):
+@pytest.mark.slow
+def test_aoti_backend_times_a_package_and_reports_its_file(tmp_path, mnist_dir, aoti_package, monkeypatch):
     """The aoti backend runs what aoti_load_package gives back and reports the package's size; the
     session's bn_fc package stands in for a second minute-long compile (bench never compares outputs)."""
     import shutil
+    from pathlib import Path
 
     import artifacts
-    package = exports[0] / "bn_fc.aoti.pt2"
+    package = Path(aoti_package[0])
     monkeypatch.setattr(artifacts, "write_aoti", lambda module, path, meta, device="cpu": shutil.copy(package, path))
     out = tmp_path / "bench.json"
     bench.main(TINY[:1] + ["bn_fc"] + TINY[2:] + ["--data-dir", mnist_dir, "--task", "infer", "--backend", "aoti",

@@ -42,10 +42,10 @@ def test_checkpoint_report_matches_training_and_html_embeds_images(trained, mnis
         assert (trained / name).stat().st_size > 0
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "pt2", "aoti"])
-def test_artifact_scores_like_its_checkpoint(fmt, exports, mnist_dir, tmp_path):
+@pytest.mark.parametrize("fmt", ["torchscript", "pt2", pytest.param("aoti", marks=pytest.mark.slow)])
+def test_artifact_scores_like_its_checkpoint(fmt, exports, mnist_dir, tmp_path, request):
     _, ckpt, figures = exports  # exported once per session, each verified (conftest.py)
-    path = figures[fmt][0]
+    path = request.getfixturevalue("aoti_package")[0] if fmt == "aoti" else figures[fmt][0]
     r = evaluate.evaluate(path, "artifact", str(tmp_path / "eval"), mnist_dir, torch.device("cpu"))
     assert r["accuracy"] == ckpt["test_acc"] and r["model"] == "bn_fc"
     assert "data:image/png;base64," in (tmp_path / "eval" / "report.html").read_text()

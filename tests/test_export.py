@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,18 +29,33 @@ def exported(exports):
     return exports
 
 
-def test_every_format_verified(exported):
-    out, ckpt, figures = exported
-    assert set(figures) == {"onnx", "torchscript", "pt2", "aoti"}
+def check_verified(out, ckpt, figures):
+    """Each file verified on all 10,000 images at batch 1000 and 1, and exactly these files, each in the
+    folder's manifest with its sha256 and format. Returns the manifest."""
     for fmt, (path, f) in figures.items():
         assert f["ok"] and f["same_predictions"] == 10000 and f["max_abs_diff"] <= 1e-4
         assert f["batch1_max_abs_diff"] <= 1e-4 and f["accuracy"] == ckpt["test_acc"]
-    assert sorted(p.name for p in out.iterdir()) == ["bn_fc.aoti.pt2", "bn_fc.onnx", "bn_fc.pt2",
-                                                     "bn_fc.torchscript.pt", "manifest.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([os.path.basename(p) for p, _ in figures.values()] +
+                                                           ["manifest.json"])
     manifest = json.loads((out / "manifest.json").read_text())["files"]
     for fmt, (path, f) in figures.items():
         entry = manifest[os.path.basename(path)]
         assert entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest() and entry["format"] == fmt
+    return manifest
+
+
+def test_every_format_verified(exported):
+    out, ckpt, figures = exported
+    assert set(figures) == {"onnx", "torchscript", "pt2"}  # and aoti: test_aoti_package_verified
+    check_verified(out, ckpt, figures)
+    assert sorted(p.name for p in out.iterdir()) == ["bn_fc.onnx", "bn_fc.pt2", "bn_fc.torchscript.pt", "manifest.json"]
+
+
+@pytest.mark.slow
+def test_aoti_package_verified(aoti_package):
+    path, ckpt, f = aoti_package
+    manifest = check_verified(Path(path).parent, ckpt, {"aoti": (path, f)})
+    assert sorted(manifest) == ["bn_fc.aoti.pt2"]
     assert manifest["bn_fc.aoti.pt2"]["device"] == "cpu"
     assert manifest["bn_fc.aoti.pt2"]["inductor_configs"] == artifacts.AOTI_CONFIGS
 
@@ -60,32 +76,42 @@ def test_onnx_metadata_and_contract(exported):
     assert meta["test_acc"] == f"{ckpt['test_acc']:.2f}" and meta["torch_version"] == torch.__version__
     assert "0.1307" in meta["input"] and json.loads(meta["recipe"])["optimizer"][0] == "Adagrad"
     assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["log_probs"]
-    for name in ("bn_fc.torchscript.pt", "bn_fc.pt2", "bn_fc.aoti.pt2"):
+    for name in ("bn_fc.torchscript.pt", "bn_fc.pt2"):  # and the aoti package: test_aoti_metadata_is_the_onnx_files
         got = artifacts.read_metadata(str(out / name))  # vouched for by the manifest: no --trust-code needed
         assert {k: got[k] for k in meta} == meta, name
-    assert artifacts.read_metadata(str(out / "bn_fc.aoti.pt2"))["AOTI_DEVICE_KEY"] == "cpu"
 
 
-def test_pt2_and_aoti_run_with_torch_alone(exported, mnist_dir):
+@pytest.mark.slow
+def test_aoti_metadata_is_the_onnx_files(exported, aoti_package):
+    out, _, _ = exported
+    meta = {p.key: p.value for p in onnx.load(str(out / "bn_fc.onnx")).metadata_props}
+    got = artifacts.read_metadata(aoti_package[0])  # vouched for by the manifest: no --trust-code needed
+    assert {k: got[k] for k in meta} == meta
+    assert got["AOTI_DEVICE_KEY"] == "cpu"
+
+
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("aoti", marks=pytest.mark.slow)])
+def test_pt2_and_aoti_run_with_torch_alone(fmt, exported, mnist_dir, request):
     """Independent of export.verify and artifacts.load: torch's own loaders, dynamic batch sizes 1, 7, 1000."""
     from torch._inductor import aoti_load_package
     out, ckpt, _ = exported
     x, _ = data.load("test", mnist_dir)
     ref = models.log_probs(models.from_checkpoint(ckpt), x[:1000])
     x01 = x[:1000].unsqueeze(1).float() / 255
-    for run in (torch.export.load(str(out / "bn_fc.pt2")).module(), aoti_load_package(str(out / "bn_fc.aoti.pt2"))):
-        with torch.no_grad():
-            for n in (1, 7, 1000):
-                got = run(x01[:n])
-                assert got.shape == (n, 10) and got.dtype == torch.float32
-                assert (got - ref[:n]).abs().max() < 1e-4 and (got.argmax(1) == ref[:n].argmax(1)).all()
+    run = torch.export.load(str(out / "bn_fc.pt2")).module() if fmt == "pt2" else \
+        aoti_load_package(request.getfixturevalue("aoti_package")[0])
+    with torch.no_grad():
+        for n in (1, 7, 1000):
+            got = run(x01[:n])
+            assert got.shape == (n, 10) and got.dtype == torch.float32
+            assert (got - ref[:n]).abs().max() < 1e-4 and (got.argmax(1) == ref[:n].argmax(1)).all()
 
 
-def test_aoti_input_is_checked(exported):
+@pytest.mark.slow
+def test_aoti_input_is_checked(aoti_package):
     """Compiled code trusts its caller: fed a float64 or a 28x27 image it computes garbage without a
     word, so artifacts.load checks the input contract for it, and makes strided input contiguous."""
-    out, _, _ = exported
-    run = artifacts.load(str(out / "bn_fc.aoti.pt2"))
+    run = artifacts.load(aoti_package[0])
     x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
     for bad in (x.astype(np.float64), x[..., :27], x[:, 0]):
         with pytest.raises(common.UserError, match=r"cannot run .*it was given"):
@@ -109,13 +135,14 @@ def test_onnxruntime_predicts_like_the_checkpoint(exported, mnist_dir):
     assert one.shape == (1, 10) and np.abs(one - ref[:1].numpy()).max() < 1e-4
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "pt2", "aoti"])
-def test_mismatch_fails_and_leaves_nothing(fmt, exported, mnist_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["onnx", "pt2", pytest.param("aoti", marks=pytest.mark.slow)])
+def test_mismatch_fails_and_leaves_nothing(fmt, exported, mnist_dir, tmp_path, monkeypatch, request):
     """The session's verified file stands in for a second export (a minute-long compile for aoti):
     what is tested is export's verification and clean-up; the writers' own output, side files
     included, is test_every_format_verified's."""
     out, ckpt, figures = exported
-    copy = lambda *a, **k: shutil.copy(figures[fmt][0], a[1])  # noqa: E731  write_*(module, path, ...)
+    made = request.getfixturevalue("aoti_package")[0] if fmt == "aoti" else figures[fmt][0]
+    copy = lambda *a, **k: shutil.copy(made, a[1])  # noqa: E731  write_*(module, path, ...)
     monkeypatch.setattr(artifacts, {"onnx": "write_onnx", "pt2": "write_pt2", "aoti": "write_aoti"}[fmt], copy)
     with pytest.raises(common.UserError, match="does not match PyTorch"):
         export.export(ckpt, fmt, str(tmp_path), 18, mnist_dir, tolerance=-1.0)
@@ -137,10 +164,12 @@ def test_exporter_failure_is_one_line_and_leaves_nothing(trained, mnist_dir, tmp
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("name", ["bn_fc.torchscript.pt", "bn_fc.pt2", "bn_fc.aoti.pt2"])
-def test_code_needs_the_manifest_or_trust_code(name, exported, tmp_path):
+@pytest.mark.parametrize("name", ["bn_fc.torchscript.pt", "bn_fc.pt2",
+                                  pytest.param("bn_fc.aoti.pt2", marks=pytest.mark.slow)])
+def test_code_needs_the_manifest_or_trust_code(name, exported, tmp_path, request):
     out, _, _ = exported
-    shutil.copy(out / name, tmp_path / name)
+    shutil.copy(request.getfixturevalue("aoti_package")[0] if name.endswith(".aoti.pt2") else out / name,
+                tmp_path / name)
     with pytest.raises(common.UserError, match="not listed in the manifest.json"):
         artifacts.load(str(tmp_path / name))
     assert artifacts.load(str(tmp_path / name), trust_code=True).metadata["model"] == "bn_fc"
@@ -152,9 +181,9 @@ def test_code_needs_the_manifest_or_trust_code(name, exported, tmp_path):
         artifacts.load(str(tmp_path / name))
 
 
-def test_evaluate_refuses_an_unvouched_package_in_one_line(exported, tmp_path, mnist_dir):
-    out, _, _ = exported
-    shutil.copy(out / "bn_fc.aoti.pt2", tmp_path / "bn_fc.aoti.pt2")
+@pytest.mark.slow
+def test_evaluate_refuses_an_unvouched_package_in_one_line(aoti_package, tmp_path, mnist_dir):
+    shutil.copy(aoti_package[0], tmp_path / "bn_fc.aoti.pt2")
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--artifact", str(tmp_path / "bn_fc.aoti.pt2"), "--data-dir", mnist_dir])
     assert str(e.value.code).startswith("error: refusing") and "\n" not in str(e.value.code)
