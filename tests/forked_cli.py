@@ -87,8 +87,9 @@ for line in sys.stdin:
                 os._exit(70)
         proto.write(json.dumps({"pid": pid}) + "\n")
     elif req["op"] == "wait":
-        _, status = os.waitpid(req["pid"], 0)
-        proto.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}) + "\n")
+        _, status, usage = os.wait4(req["pid"], 0)
+        proto.write(json.dumps({"code": os.waitstatus_to_exitcode(status),
+                                "cpu": usage.ru_utime + usage.ru_stime}) + "\n")
 '''
 
 # what the server imports before it forks: the scripts and the modules they share
@@ -106,7 +107,7 @@ class Result:
 class Child:
     def __init__(self, server, pid, out, err):
         self.server, self.pid, self.out, self.err = server, pid, out, err
-        self.returncode = None
+        self.returncode = self.cpu_seconds = None
 
     def alive(self):
         """Running (not yet exited: a finished child stays a zombie until wait())."""
@@ -165,7 +166,9 @@ class ForkServer:
     def _wait(self, child, timeout):
         self._send(op="wait", pid=child.pid)
         try:
-            return self._reply(timeout)["code"]
+            reply = self._reply(timeout)
+            child.cpu_seconds = reply["cpu"]  # what the run cost (its own children included)
+            return reply["code"]
         except TimeoutError:
             os.kill(child.pid, signal.SIGKILL)
             self._reply(60)
