@@ -214,17 +214,20 @@ def pretrained_log_probs(mnist_dir):
 
 @pytest.fixture(scope="session")
 def exports(trained, mnist_dir, tmp_path_factory):
-    """Every format export.py writes but two, of the `trained` checkpoint, each verified by export.export
-    on the whole test set; done once per session. int8 has its own tests (test_int8.py), and the
-    AOTInductor package its own fixture (aoti_package), for the slow tests only.
-    Returns (folder, checkpoint, {format: (path, figures)}); tests copy files out, never change them."""
+    """Every format export.py writes but two, of the `trained` checkpoint, each verified on the whole
+    test set as export.py --format all does it (one export.source: the model, the test set and
+    PyTorch's log-probabilities on it, for every format); done once per session. int8 has its own
+    tests (test_int8.py), and the AOTInductor package its own fixture (aoti_package), for the slow
+    tests only. Returns (folder, checkpoint, {format: (path, figures)}); tests copy files out, never
+    change them."""
     import artifacts
     import common
     import export
     out = tmp_path_factory.mktemp("exports")
     ckpt = common.load_checkpoint(str(trained / "best.pt"))
+    src = export.source(ckpt, mnist_dir)
     fp32 = [fmt for fmt in artifacts.FORMATS if fmt not in ("onnx-int8", "aoti")]
-    figures = {fmt: export.export(ckpt, fmt, str(out), 18, mnist_dir, 1e-4) for fmt in fp32}
+    figures = {fmt: export.export_verified(src, fmt, str(out), 18, 1e-4) for fmt in fp32}
     return out, ckpt, figures
 
 
