@@ -16,13 +16,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # set by xdist before this file loads
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # With pytest-xdist (make test: pytest -n 2; not in pytest.ini, where it would switch pytest-benchmark
-# off for make bench-pytest), the tests that share an expensive fixture run in one worker, so it is
-# built once: the session's exports (and aoti_package), gap10k_run and pretrained_log_probs, and each
-# module's module-scoped fixtures; an explicit xdist_group mark names its own group. xdist 3.8's
-# loadgroup reads groups from renamed node ids, which pytest 9 no longer allows, so the workers
-# write their groups down and the controller's scheduler (below) reads them.
+# off for make bench-pytest), tests that share something expensive run in one worker, so it is made
+# once: the session fixtures below (the exports, gap10k_run, pretrained_log_probs, the fork server),
+# each module's module-scoped fixtures, and what an explicit xdist_group mark names; tests that share
+# any of these with each other are one group (the kill/resume test, say, joins test_hostile's forked
+# runs and gap10k_run's readers). xdist 3.8's loadgroup reads groups from renamed node ids, which
+# pytest 9 no longer allows, so the workers write their groups down and the controller's scheduler
+# (below) reads them.
 SHARED_SESSION_FIXTURES = {"exports": "exports", "aoti_package": "exports", "gap10k_run": "gap10k_run",
-                           "pretrained_log_probs": "pretrained_log_probs"}  # fixture: its group
+                           "pretrained_log_probs": "pretrained_log_probs", "forked": "forked"}  # fixture: key
 
 
 def pytest_configure(config):
@@ -51,18 +53,32 @@ def keep_torch_threads():
         torch.set_num_threads(threads)
 
 
-def xdist_group_of(item):
-    """The xdist group of a collected test, or None: it can go to any worker."""
+def shared_keys(item):
+    """What expensive things a collected test uses: its xdist_group mark, the shared session fixtures
+    it asks for, and its module's module-scoped fixtures, if it asks for any."""
     mark = item.get_closest_marker("xdist_group")
-    if mark:
-        return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+    keys = [str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))] if mark else []
     used = getattr(item, "fixturenames", ())
-    group = next((g for f, g in SHARED_SESSION_FIXTURES.items() if f in used), None)
-    if group is None:
-        defs = getattr(item, "_fixtureinfo", None)
-        scopes = {d[-1].scope for d in (defs.name2fixturedefs.values() if defs else ()) if d}
-        group = getattr(item, "module", None) and item.module.__name__ if "module" in scopes else None
-    return group
+    keys += [key for f, key in SHARED_SESSION_FIXTURES.items() if f in used]
+    defs = getattr(item, "_fixtureinfo", None)
+    if any(d and d[-1].scope == "module" for d in (defs.name2fixturedefs.values() if defs else ())):
+        keys.append(item.module.__name__)
+    return keys
+
+
+def xdist_groups(items):
+    """{node id: group} for the tests that share something (shared_keys), joined transitively."""
+    parent = {}
+
+    def root(k):
+        while parent.setdefault(k, k) != k:
+            k = parent[k]
+        return k
+    keyed = [(item.nodeid, shared_keys(item)) for item in items]
+    for _, keys in keyed:
+        for k in keys[1:]:
+            parent[root(k)] = root(keys[0])
+    return {nodeid: root(keys[0]) for nodeid, keys in keyed if keys}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -70,9 +86,8 @@ def pytest_collection_modifyitems(config, items):
     folder = getattr(config, "workerinput", {}).get("test_groups")
     if folder:
         import json
-        groups = {item.nodeid: g for item in items if (g := xdist_group_of(item))}
         with open(os.path.join(folder, config.workerinput["workerid"] + ".json"), "w") as f:
-            json.dump(groups, f)
+            json.dump(xdist_groups(items), f)
 
 
 @pytest.hookimpl(optionalhook=True)
