@@ -292,9 +292,10 @@ def from_checkpoint(ckpt):
 
 
 @torch.no_grad()
-def log_probs(model, images, batch_size=1000):
+def log_probs(model, images, batch_size=256):
     """Log-probabilities [N, 10] on the CPU for uint8 images [N, 28, 28] (on any device); each batch
-    is moved to the model's device and normalised there."""
+    is moved to the model's device and normalised there. Batches of 256: on a CPU, 1.5-3x faster than
+    1000 (the activations stay in cache), with the same numbers to the bit for all five recipes."""
     model.eval()
     dev = next(model.parameters()).device
     return torch.cat([model(data.normalize(images[i:i + batch_size].to(dev))).float().cpu()
