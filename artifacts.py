@@ -16,7 +16,9 @@ import hashlib
 import io
 import json
 import os
+import stat
 import sys
+import zipfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -202,16 +204,44 @@ def _manifest_lock(folder):
         os.close(fd)
 
 
+MAX_MANIFEST_BYTES = 1 << 20  # an entry is 200-500 bytes: thousands of files; anything larger is not one of ours
+HEX = set("0123456789abcdef")
+
+
 def read_manifest(folder):
-    """{file name: entry} of the manifest.json in `folder` ({} if none or unreadable)."""
+    """{file name: entry} of the manifest.json in `folder`, {} if there is none. One that is not what
+    export.py writes is refused (UserError): a symlink (export.py writes a plain file by rename; a link
+    would borrow another folder's record), larger than MAX_MANIFEST_BYTES, not JSON, or listing anything
+    but plain file names of this folder with a sha256 each."""
     path = os.path.join(folder, MANIFEST)
-    if not os.path.isfile(path):
-        return {}
+    bad = f"{path} is not a manifest export.py writes"
     try:
-        files = read_json_dict(path).get("files")
-    except UserError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
         return {}
-    return files if isinstance(files, dict) else {}
+    except OSError as e:
+        if os.path.islink(path):
+            raise UserError(f"{bad}: it is a symbolic link (delete it and export again)") from None
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UserError(f"{bad}: it is not a regular file")
+        blob = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(blob) > MAX_MANIFEST_BYTES:
+        raise UserError(f"{bad}: larger than {MAX_MANIFEST_BYTES:,} bytes (delete it and export again)")
+    try:
+        files = json.loads(blob)["files"]
+    except (ValueError, TypeError, KeyError):
+        raise UserError(f"{bad}: not a JSON object with a \"files\" object (delete it and export again)") from None
+    if not isinstance(files, dict):
+        raise UserError(f"{bad}: its \"files\" is not an object (delete it and export again)")
+    for name, entry in files.items():
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+            raise UserError(f"{bad}: it lists {name!r}, not a file name in its own folder (delete it and export again)")
+        sha = entry.get("sha256") if isinstance(entry, dict) else None
+        if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= HEX):
+            raise UserError(f"{bad}: {name!r} has no sha256 (delete it and export again)")
+    return files
 
 
 def manifest_add(path, info):
@@ -233,7 +263,10 @@ def check_trusted(path, trust_code, blob=None):
     if blob is None:
         with open(path, "rb") as f:
             blob = f.read()
-    entry = read_manifest(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path))
+    try:
+        entry = read_manifest(os.path.dirname(os.path.abspath(path))).get(os.path.basename(path))
+    except UserError as e:
+        raise UserError(f"refusing {path}: {e}") from None
     why = "its sha256 differs from the one in" if isinstance(entry, dict) else "it is not listed in"
     if not (isinstance(entry, dict) and entry.get("sha256") == sha256(blob)):
         raise UserError(f"refusing {path}: {KIND[fmt]} is a program that can run code when loaded, and {why} "
@@ -280,6 +313,7 @@ def load(path, trust_code=False, threads=None):
     try:
         if fmt in ONNX:
             import onnx
+            check_kind(path, fmt, path)
             sess = ort_session(path, threads)
             _check_onnx_contract(path, sess)
             meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
@@ -292,6 +326,7 @@ def load(path, trust_code=False, threads=None):
             with open(path, "rb") as f:
                 blob = f.read()
             check_trusted(path, trust_code, blob)  # nothing of the file runs before this
+            check_kind(path, fmt, io.BytesIO(blob))
             raw, meta = _load_torch(fmt, path, blob)  # from the bytes hashed, not from the path again
     except UserError:
         raise
@@ -311,20 +346,45 @@ def load(path, trust_code=False, threads=None):
     return run
 
 
+def archive_kind(f):
+    """What a file (a path or a binary file object) holds by its bytes: 'torchscript', 'pt2' or 'aoti'
+    for torch's zip archives, 'zip' for another zip, None for no zip at all (ONNX is protobuf)."""
+    if not zipfile.is_zipfile(f):
+        return None
+    with zipfile.ZipFile(f) as z:  # the central directory only: nothing is inflated
+        inner = {n.split("/", 1)[-1] for n in z.namelist()}
+    if "archive_format" in inner:  # torch's PT2 archive, which an AOTInductor package is too
+        return "aoti" if any(n.startswith("data/aotinductor/") for n in inner) else "pt2"
+    return "torchscript" if "constants.pkl" in inner else "zip"
+
+
+def check_kind(path, fmt, f):
+    """Refuse a file whose bytes are not the format its name says (a TorchScript archive named .onnx,
+    an ONNX file named .pt2, a .pt2 named .aoti.pt2...) before any loader sees it."""
+    kind = archive_kind(f)
+    if kind == (None if fmt in ONNX else fmt):
+        return
+    got = KIND.get(kind) or ("a zip archive of no format export.py writes" if kind else
+                             "not a zip archive (an ONNX file, or a damaged one)")
+    raise UserError(f"{path} does not hold what its name says ({KIND[fmt]}): it is {got}")
+
+
 def _load_torch(fmt, path, blob):
     """(raw run function, metadata) of a TorchScript, pt2 or AOTInductor file's bytes."""
     device = "cpu"
     if fmt in ("torchscript", "pt2"):
         extra = {"metadata.json": ""}  # both carry their metadata as this extra file (see the writers)
-        if fmt == "torchscript":
-            module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra).eval()
-        else:
-            module = torch.export.load(io.BytesIO(blob), extra_files=extra).module()
+        with quiet_stderr():  # a damaged archive makes torch log a warning with a traceback before it raises
+            if fmt == "torchscript":
+                module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra).eval()
+            else:
+                module = torch.export.load(io.BytesIO(blob), extra_files=extra).module()
         meta = json.loads(extra["metadata.json"] or "{}")
     else:
         from torch._inductor import aoti_load_package
         models.quiet_inductor()
-        module = aoti_load_package(io.BytesIO(blob))  # its loader copies it to a temp file
+        with quiet_stderr():  # likewise ("Loading outdated pt2 file") before it raises
+            module = aoti_load_package(io.BytesIO(blob))  # these bytes, copied to a private temp file
         meta = module.get_metadata()
         device = meta.get("AOTI_DEVICE_KEY", "cpu")
         if device == "cuda" and not torch.cuda.is_available():

@@ -181,6 +181,41 @@ def test_code_needs_the_manifest_or_trust_code(name, exported, tmp_path, request
         artifacts.load(str(tmp_path / name))
 
 
+@pytest.mark.parametrize("name", ["bn_fc.torchscript.pt", "bn_fc.pt2",
+                                  pytest.param("bn_fc.aoti.pt2", marks=pytest.mark.slow)])
+def test_a_file_swapped_after_hashing_is_not_what_loads(name, exported, tmp_path, monkeypatch, request):
+    """The file is read once: the bytes hashed against the manifest are the bytes loaded (from memory;
+    an AOTInductor package from torch's private temporary copy of them), so a file swapped between the
+    check and the load changes nothing. The swap here puts code in its place (a .pt2 whose pickle makes
+    a file, a TorchScript file that makes one) right after the hash; loading from the path again would
+    run it or fail."""
+    import test_hostile
+    out, _, _ = exported
+    good = request.getfixturevalue("aoti_package")[0] if name.endswith(".aoti.pt2") else out / name
+    shutil.copy(good, tmp_path / name)
+    artifacts.manifest_add(str(tmp_path / name), {})
+    monkeypatch.chdir(tmp_path)  # where the TorchScript file's code would create "pwned"
+    evil = tmp_path / "evil"
+    if name.endswith(".pt2") and not name.endswith(".aoti.pt2"):
+        hostile_pt2(good, evil, tmp_path / "pwned")
+    else:
+        torch.jit.save(torch.jit.script(test_hostile.Evil()), str(evil))
+    real, swapped = artifacts.check_trusted, []
+
+    def check_then_swap(path, trust_code, blob=None):
+        real(path, trust_code, blob)
+        os.replace(evil, path)  # what a second process could do in the gap
+        swapped.append(path)
+    monkeypatch.setattr(artifacts, "check_trusted", check_then_swap)
+    run = artifacts.load(str(tmp_path / name))
+    assert swapped and not (tmp_path / "pwned").exists()
+    assert run.metadata["model"] == "bn_fc" and run(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
+    monkeypatch.setattr(artifacts, "check_trusted", real)
+    with pytest.raises(common.UserError, match="sha256 differs"):  # the next load reads what is there now
+        artifacts.load(str(tmp_path / name))
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.slow
 def test_evaluate_refuses_an_unvouched_package_in_one_line(aoti_package, tmp_path, mnist_dir):
     shutil.copy(aoti_package[0], tmp_path / "bn_fc.aoti.pt2")
@@ -190,25 +225,36 @@ def test_evaluate_refuses_an_unvouched_package_in_one_line(aoti_package, tmp_pat
     assert "AOTInductor package is a program" in str(e.value.code)
 
 
+class Hostile:
+    """A pickle that creates the file `marker` when it is unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def hostile_pt2(good, evil, marker):
+    """`good`'s .pt2 archive with its sample inputs swapped for a Hostile pickle, written to `evil`."""
+    payload = io.BytesIO()
+    torch.save((Hostile(marker), {}), payload)
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(evil, "w") as zout:
+        names = [i.filename for i in zin.infolist()]
+        assert any(n.endswith("data/sample_inputs/model.pt") for n in names)
+        for info in zin.infolist():
+            blob = zin.read(info.filename)
+            zout.writestr(info, payload.getvalue() if info.filename.endswith("data/sample_inputs/model.pt") else blob)
+
+
 def test_a_pt2_file_is_code(exported, tmp_path):
     """Why .pt2 follows the trust rule: torch.export.load unpickles the archive's sample inputs with
     torch.load(weights_only=False) once weights_only=True fails. A .pt2 whose sample inputs are a
     hostile pickle runs it on load, so without the manifest or --trust-code nothing of it is read."""
     out, _, _ = exported
     marker = tmp_path / "ran"
-
-    class Hostile:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-    payload = io.BytesIO()
-    torch.save((Hostile(), {}), payload)
     evil = tmp_path / "evil.pt2"
-    with zipfile.ZipFile(out / "bn_fc.pt2") as zin, zipfile.ZipFile(evil, "w") as zout:
-        names = [i.filename for i in zin.infolist()]
-        assert any(n.endswith("data/sample_inputs/model.pt") for n in names)
-        for info in zin.infolist():
-            blob = zin.read(info.filename)
-            zout.writestr(info, payload.getvalue() if info.filename.endswith("data/sample_inputs/model.pt") else blob)
+    hostile_pt2(out / "bn_fc.pt2", evil, marker)
     with pytest.raises(common.UserError, match="not listed"):
         artifacts.load(str(evil))
     assert not marker.exists()
