@@ -177,6 +177,18 @@ def check_out_dir(folder, flag):
     clean_stale_tmp(folder)
 
 
+def check_keeps_inputs(outputs, inputs, flag="--out"):
+    """Fail before the work if writing `outputs` (each renamed over its name) would replace one of the
+    `inputs`: the same directory entry once symlinks are resolved. A symlink at an output's name is
+    replaced, not written through, and a hard link keeps its own name, so neither is refused."""
+    for out in outputs:
+        entry = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(out))), os.path.basename(out))
+        for src in inputs:
+            if os.path.realpath(src) == entry:
+                raise UserError(f"{flag} {os.path.dirname(out) or '.'} would replace the input {src} with the "
+                                f"{os.path.basename(out)} it writes; choose another {flag} folder or rename the input")
+
+
 @contextlib.contextmanager
 def defer_sigint():
     """Hold Ctrl-C while a set of files is written, so they always form a consistent set."""

@@ -139,10 +139,17 @@ CALIBRATION_IMAGES = 1024  # int8 calibration: the first 1,024 training images
 
 def calibration_set(data_dir=None, n=CALIBRATION_IMAGES):
     """The images int8 exports are calibrated on: the first n of the 60,000 training images, as
-    float32 [n, 1, 28, 28] in [0, 1]. It reads the training split and nothing else, so the test set
-    can never reach a calibration."""
-    images, _ = load("train", data_dir)
-    return to_unit(images[:n]).numpy()
+    float32 [n, 1, 28, 28] in [0, 1]. It takes no split: it reads the training split, and refuses it
+    (DataError) if any of those n images is byte for byte one of the test images in the same folder (a
+    training file built from test images), so no test image can reach a calibration."""
+    images = load("train", data_dir)[0][:n]
+    test = {im.tobytes() for im in load("test", data_dir)[0].numpy()}
+    leaked = [i for i, im in enumerate(images.numpy()) if im.tobytes() in test]
+    if leaked:
+        raise DataError(f"the int8 calibration set would include test images: {len(leaked)} of the first {len(images):,} "
+                        f"training images in {resolve_dir(data_dir)} (the first: image {leaked[0]}) are also in the "
+                        "test set; use the real MNIST training files")
+    return to_unit(images).numpy()
 
 
 def to_unit(images):

@@ -26,10 +26,11 @@ from sklearn.metrics import classification_report, confusion_matrix  # noqa: E40
 import artifacts  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
-from common import (METRICS, UserError, check_out_dir, ci95, ci_text, find_checkpoint, get_device,  # noqa: E402
-                    is_number, json_text, one_line_errors, read_json_dict, read_metrics, replace_all)
+from common import (METRICS, UserError, check_keeps_inputs, check_out_dir, ci95, ci_text, find_checkpoint,  # noqa: E402
+                    get_device, is_number, json_text, one_line_errors, read_json_dict, read_metrics, replace_all)
 
 DIGITS = list(range(10))
+REPORT_FILES = ("report.json", "report.html", "confusion.png", "mistakes.png", "curves.png")  # what --out gets
 
 
 def report(labels, logp):
@@ -220,6 +221,7 @@ def evaluate(source_path, kind, out, data_dir, device, trust_code=False):
     run_dir = run_folder(source_path) if clf.kind == "checkpoint" else None
     images, labels = data.load("test", data_dir)
     check_out_dir(out, "--out")
+    check_keeps_inputs([os.path.join(out, name) for name in REPORT_FILES], [source_path])
     logp = clf(images)
     if not bool(torch.isfinite(logp).all()):
         raise UserError(f"{source_path} gives NaN or infinite log-probabilities")

@@ -21,8 +21,8 @@ import torch
 import artifacts
 import data
 import models
-from common import (UserError, check_out_dir, check_positive, find_checkpoint, first_line, get_device,
-                    load_checkpoint, one_line_errors, tmp_path)
+from common import (UserError, check_keeps_inputs, check_out_dir, check_positive, find_checkpoint, first_line,
+                    get_device, load_checkpoint, one_line_errors, tmp_path)
 
 
 def verify(path, reference, images, labels, tolerance):
@@ -93,8 +93,15 @@ def verify_int8(path, src, tolerance):
 def export(ckpt, fmt, out_dir, opset, data_dir, tolerance, device="cpu", int8_tolerance=0.2):
     """One format of `ckpt`: export_verified from a Source of its own. Returns (path, figures)."""
     src = source(ckpt, data_dir)
-    check_out_dir(out_dir, "--out")
+    check_out(out_dir)
     return export_verified(src, fmt, out_dir, opset, tolerance, device, int8_tolerance)
+
+
+def check_out(out_dir):
+    """The output folder, before any work: writable, and holding no manifest.json but one export.py can
+    update (artifacts.read_manifest refuses the rest: garbage, huge, a symlink, odd names)."""
+    check_out_dir(out_dir, "--out")
+    artifacts.read_manifest(out_dir)
 
 
 def export_verified(src, fmt, out_dir, opset, tolerance, device="cpu", int8_tolerance=0.2):
@@ -183,7 +190,11 @@ def main(argv=None):
                             "cpu" if args.device == "auto" else args.device)
         if "aoti" in formats:
             artifacts.check_cxx()  # before any export, not after the first three
-        check_out_dir(args.out, "--out")
+        check_out(args.out)
+        check_keeps_inputs([os.path.join(args.out, ckpt["model_name"] + artifacts.FORMATS[f]) for f in formats] +
+                           [os.path.join(args.out, artifacts.MANIFEST)], [path])
+        if "onnx-int8" in formats:
+            data.calibration_set(args.data_dir)  # refused now, not after the other formats, if it would hold test images
         print(f"{ckpt['model_name']}: {path} (epoch {ckpt['epoch']}, test accuracy {ckpt['test_acc']:.2f}%)", flush=True)
         src = source(ckpt, args.data_dir)  # one model, one reference, one test set for every format
         for fmt in formats:

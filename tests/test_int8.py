@@ -4,6 +4,8 @@ predict.py and compare.py; its calibration set comes from the training images on
 import hashlib
 import json
 import os
+import shutil
+import subprocess
 
 import onnx
 import pytest
@@ -21,18 +23,41 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAINED = os.path.join(ROOT, "pretrained", "bn_fc.pt")
 
 
+OLD = bytes(range(256)) * 4096  # 1 MiB: the file an earlier export left, which a reader has open
+
+
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory, mnist_dir):
-    """pretrained bn_fc as int8 ONNX, through export.py's own path (verification included)."""
-    out = tmp_path_factory.mktemp("int8")
-    ckpt = common.load_checkpoint(PRETRAINED)
-    path, figures = export.export(ckpt, "onnx-int8", str(out), 18, mnist_dir, 1e-4)
-    return out, ckpt, path, figures
+    """pretrained bn_fc as int8 ONNX, through export.py's own command line (verification included). It
+    also stands for the rule on output folders: --out is a symlink to the checkpoint's own folder, where
+    an older bn_fc.int8.onnx is being read by another process (a shell holding it open) as the export
+    replaces it. Returns (--out, checkpoint, path, figures, what the reader read, the real folder)."""
+    real = tmp_path_factory.mktemp("int8")
+    shutil.copy(PRETRAINED, real / "bn_fc.pt")
+    (real / "bn_fc.int8.onnx").write_bytes(OLD)
+    out = real.parent / (real.name + "-link")
+    os.symlink(real, out)
+    reader = subprocess.Popen(["sh", "-c", 'exec 3< "$1"; echo open; read go; cat <&3', "sh", str(real / "bn_fc.int8.onnx")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert reader.stdout.readline() == b"open\n"
+    made = []
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            verified = export.export_verified
+            m.setattr(export, "export_verified", lambda *a, **k: made.append(verified(*a, **k)) or made[-1])
+            export.main(["--checkpoint", str(real / "bn_fc.pt"), "--format", "onnx-int8", "--out", str(out),
+                         "--data-dir", mnist_dir])
+        read, _ = reader.communicate(b"go\n", timeout=60)
+    finally:
+        reader.kill()
+    (path, figures), = made
+    return out, common.load_checkpoint(PRETRAINED), path, figures, read, real
 
 
 def test_int8_is_written_verified_and_recorded(int8):
-    out, ckpt, path, f = int8
-    assert path == str(out / "bn_fc.int8.onnx") and sorted(os.listdir(out)) == ["bn_fc.int8.onnx", "manifest.json"]
+    out, ckpt, path, f, _, _ = int8
+    assert path == str(out / "bn_fc.int8.onnx")
+    assert sorted(os.listdir(out)) == ["bn_fc.int8.onnx", "bn_fc.pt", "manifest.json"]  # the checkpoint's folder
     assert f["ok"] and f["fp32_accuracy"] == ckpt["test_acc"] and abs(f["accuracy"] - ckpt["test_acc"]) <= 0.2
     assert abs(f["batch1_accuracy"] - ckpt["test_acc"]) <= 0.2 and 9900 <= f["same_predictions"] <= 10000
     entry = json.loads((out / "manifest.json").read_text())["files"]["bn_fc.int8.onnx"]
@@ -49,8 +74,19 @@ def test_int8_is_written_verified_and_recorded(int8):
     assert artifacts.format_of(path) == "onnx-int8" and "onnx-int8" not in artifacts.CODE
 
 
+def test_export_over_a_file_being_read_into_a_symlinked_input_folder(int8):
+    """The rule for export.py's outputs: each file is written under a temporary name and renamed over
+    the old one, so a process reading the old file reads it whole, to its last byte, and a new open
+    gets the new file; --out may be a symlink (written where it points) and an input's folder (the
+    checkpoint is left as it was, as is the symlink)."""
+    out, _, path, _, read, real = int8
+    assert read == OLD
+    assert open(path, "rb").read(4) != OLD[:4] and not os.path.islink(path)
+    assert os.path.islink(out) and os.path.realpath(out) == str(real)
+    assert open(real / "bn_fc.pt", "rb").read() == open(PRETRAINED, "rb").read()
+
+
 def test_an_impossible_tolerance_writes_nothing(int8, mnist_dir, tmp_path, monkeypatch):
-    import shutil
     ckpt = common.load_checkpoint(PRETRAINED)
     # the module's int8 file stands in for a second quantisation: the verification is what is tested
     monkeypatch.setattr(artifacts, "write_onnx_int8", lambda module, path, meta, opset, calib: shutil.copy(int8[2], path))
@@ -60,7 +96,7 @@ def test_an_impossible_tolerance_writes_nothing(int8, mnist_dir, tmp_path, monke
 
 
 def test_evaluate_predict_and_compare_read_it(int8, mnist_dir, tmp_path, capsys):
-    out, ckpt, path, f = int8
+    out, ckpt, path, f, _, _ = int8
     r = evaluate.evaluate(path, "artifact", str(tmp_path / "eval"), mnist_dir, torch.device("cpu"))
     assert r["accuracy"] == f["accuracy"] and r["model"] == "bn_fc"
     x, _ = data.load("test", mnist_dir)
@@ -74,13 +110,14 @@ def test_evaluate_predict_and_compare_read_it(int8, mnist_dir, tmp_path, capsys)
 
 
 def test_calibration_reads_only_training_images(mnist_dir, monkeypatch):
-    """By construction: calibration_set takes no split and reads 'train' only; and none of its images
-    is a test image."""
+    """By construction: calibration_set takes no split, its images are the training split's (the test
+    split is read only to refuse a training file holding test images: test_hostile's 'int8:' case); and
+    none of them is a test image."""
     splits = []
     real = data.load
     monkeypatch.setattr(data, "load", lambda split, data_dir=None: splits.append(split) or real(split, data_dir))
     calib = data.calibration_set(mnist_dir)
-    assert splits == ["train"] and calib.shape == (1024, 1, 28, 28) and calib.dtype == "float32"
+    assert splits == ["train", "test"] and calib.shape == (1024, 1, 28, 28) and calib.dtype == "float32"
     test_x, _ = real("test", mnist_dir)
     test_hashes = {hashlib.sha256(im.numpy().tobytes()).digest() for im in test_x}
     as_uint8 = torch.from_numpy(calib[:, 0] * 255).round().to(torch.uint8)
