@@ -6,6 +6,8 @@ bounding box scaled into 20x20 keeping its aspect ratio, with antialiasing; plac
 centre of mass is at pixel (14, 14), as in MNIST (test-set mean 13.99, 14.01). One step beyond MNIST's
 recipe: strokes far thinner than MNIST's (a fine pen photographed large) are widened first.
 """
+import os
+
 import numpy as np
 import torch
 
@@ -13,27 +15,44 @@ from data import DataError
 
 WORK_SIDE = 800   # larger pictures are reduced to at most this many pixels a side first
 MIN_CONTRAST = 0.1   # ink must differ from the paper by 10% of the grey scale, else "no ink"
+MAX_FILE_BYTES = 256 << 20   # a file larger than this is refused unread (a digit needs a few MB at most)
 STROKE = 0.09   # MNIST's median stroke width over digit size (0.06 to 0.15 for 90% of the test set)
 
 
-def open_image(source):
+def read_file(path):
+    """A regular file's bytes. DataError for a FIFO, socket or device (a read could wait or never end)
+    and for a file over MAX_FILE_BYTES; OSError (no such file, permission denied, a symlink loop) as it is."""
+    import stat
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise DataError("not a regular file (a FIFO, socket or device)")
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:   # a FIFO swapped in since: no wait
+        raw = f.read(MAX_FILE_BYTES + 1) or b""
+    if len(raw) > MAX_FILE_BYTES:
+        raise DataError(f"over {MAX_FILE_BYTES >> 20} MB: larger than any picture of a digit needs")
+    return raw
+
+
+def open_image(source, max_pixels=None):
     """A fully decoded PIL image (first frame, EXIF orientation applied) from a path or bytes.
-    DataError for anything that is not a whole image of a sane size (the caller names the file)."""
+    DataError for anything that is not a whole image of a sane size: over Pillow's own limit
+    (Image.MAX_IMAGE_PIXELS), or over max_pixels, checked on the header before anything is decoded
+    (the caller names the file)."""
     import io
     import warnings
     from PIL import Image, ImageOps, UnidentifiedImageError
-    raw = source
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            raw = f.read()
+    raw = read_file(source) if isinstance(source, str) else source
     if not raw:
         raise DataError("empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(raw))
+            img = Image.open(io.BytesIO(raw))   # the header only
+            if max_pixels and img.width * img.height > max_pixels:
+                raise DataError(f"{img.width} x {img.height} pixels: over this limit of {max_pixels:,} "
+                                "(a decompression bomb?); a digit needs far fewer")
             img.load()
-            return ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)   # in place: no second full-size copy
+            return img
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise DataError(f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
                             "(a decompression bomb?); a digit needs far fewer") from None

@@ -11,11 +11,18 @@ form passes unchanged. The server is the standard library's http.server: no extr
 """
 import argparse
 import base64
+import contextlib
+import hashlib
 import io
+import ipaddress
 import json
 import os
+import re
+import socket
 import sys
 import threading
+import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -28,8 +35,20 @@ import digit
 import models
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+BATCH = 256   # images read, classified and printed at a time: memory does not grow with the file count
 MAX_BODY = 5 * 1024 * 1024   # bytes a POST /predict may send
+MAX_PIXELS = 4096 * 4096   # pixels an uploaded image may decode to (a 12 Mpx phone photo fits)
+MAX_CLIENTS = 16   # connections the page's server serves at once; more get 503 at once
+REQUEST_SECONDS = 15   # default --request-timeout: a whole request (headers and body) must arrive within it
+ENDPOINTS = {"/": "GET", "/predict": "POST"}   # all the page's server answers
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predict.html")
+
+
+def shown(text):
+    """A file name or request line safe to print on one line: bytes that are not UTF-8 as \\xff,
+    control characters (a newline in a file name, an escape sequence in a request) as \\x0a."""
+    text = os.fsencode(text).decode("utf-8", "backslashreplace") if isinstance(text, str) else str(text)
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 def load_classifier(args):
@@ -68,104 +87,244 @@ def png(image):
 
 
 def image_files(paths):
-    """(files, problems): the files named and the images under the folders named; one problem per
-    path that gives none."""
+    """(files, problems): the files named and the images under the folders named (symlinked folders
+    are not followed, so a symlink loop is not walked); one problem per path that gives none and per
+    folder that cannot be listed."""
     files, problems = [], []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(p) for f in names
+            unreadable = lambda e: problems.append(f"{shown(e.filename)}: {e.strerror}")  # noqa: E731
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(p, onerror=unreadable) for f in names
                            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
             files += found
             if not found:
-                problems.append(f"{p}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
+                problems.append(f"{shown(p)}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
         elif os.path.exists(p):
             files.append(p)
+        elif os.path.lexists(p):
+            problems.append(f"{shown(p)}: a symbolic link to nothing (or a loop of them)")
         else:
-            problems.append(f"{p}: no such file or folder")
+            problems.append(f"{shown(p)}: no such file or folder")
     return files, problems
 
 
-def save_inputs(folder, names, images):
-    """Each model input as <folder>/<file's stem>.png (-2, -3... where stems repeat)."""
-    used = set()
-    for name, image in zip(names, images):
+def saved_names(folder, files):
+    """Where --save-preprocessed writes each file's model input: <folder>/<file's stem>.png, -2, -3...
+    where stems repeat (two inputs of one name from different folders), so no input's PNG replaces
+    another's."""
+    used, out = set(), []
+    for name in files:
         stem = base = os.path.splitext(os.path.basename(name))[0]
         n = 1
         while stem in used:
             n += 1
             stem = f"{base}-{n}"
         used.add(stem)
-        common.atomic_write(os.path.join(folder, stem + ".png"), lambda f, b=png(image): f.write(b))
+        out.append(os.path.join(folder, stem + ".png"))
+    return out
 
 
 def run_files(args, classify):
-    """Answer every image named; report the bad ones. Returns how many inputs failed."""
+    """Answer every image named, BATCH at a time (read, classified, printed, saved), so memory holds
+    one batch whatever the file count and the answers appear as they come; report the bad ones.
+    Returns how many inputs failed."""
     files, problems = image_files(args.inputs)
     for p in problems:
         print(f"error: {p}", file=sys.stderr)
-    names, images = [], []
-    for f in files:
-        try:
-            images.append(digit.to_mnist(digit.open_image(f)))
-            names.append(f)
-        except (common.UserError, OSError) as e:
-            problems.append(f)
-            print(f"error: {f}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
-    results = [answer(n, p) for n, p in zip(names, classify(torch.stack(images)))] if images else []
-    if args.save_preprocessed:
-        save_inputs(args.save_preprocessed, names, images)
+    saved = saved_names(args.save_preprocessed, files) if args.save_preprocessed else [None] * len(files)
+    if args.save_preprocessed:   # before any work: an output never replaces an input
+        common.check_keeps_inputs(saved, files, "--save-preprocessed")
+    answered = 0
+    for start in range(0, len(files), BATCH):
+        names, images = [], []
+        for f, out in zip(files[start:start + BATCH], saved[start:start + BATCH]):
+            try:
+                images.append(digit.to_mnist(digit.open_image(f)))
+                names.append((f, out))
+            except (common.UserError, OSError) as e:
+                problems.append(f)
+                print(f"error: {shown(f)}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        if not images:
+            continue
+        for (f, out), image, probs in zip(names, images, classify(torch.stack(images))):
+            r = answer(f, probs)
+            if out:
+                common.atomic_write(out, lambda fh, b=png(image): fh.write(b))
+                r["preprocessed"] = out
+            if args.json:   # the list json.dumps(results, indent=1) prints, one item at a time
+                print("[\n" if not answered else ",\n", end="")
+                print(" " + json.dumps(r, indent=1).replace("\n", "\n "), end="")
+            else:
+                print(top_line(dict(r, file=shown(f)), args.top) + (f"   -> {shown(out)}" if out else ""))
+            answered += 1
+        sys.stdout.flush()
     if args.json:
-        print(json.dumps(results, indent=1))
-    elif results:
-        print("\n".join(top_line(r, args.top) for r in results))
+        print("\n]" if answered else "[]")
     return len(problems)
 
 
-def make_server(host, port, classify, info):
-    """The drawing page's server: GET / the page, POST /predict an image body -> one prediction's JSON."""
+class Deadline(io.RawIOBase):
+    """A socket's reads, each allowed only the time left until the request's deadline: a client that
+    trickles a byte every few seconds is dropped at the deadline, not kept for as long as it trickles."""
+
+    def __init__(self, sock, seconds):
+        self.sock, self.end = sock, time.monotonic() + seconds
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive within its time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(b)
+
+
+def is_loopback(host):
+    try:
+        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host or None, None))
+    except (OSError, ValueError):
+        return False
+
+
+def make_server(host, port, classify, info, request_seconds=REQUEST_SECONDS, max_clients=MAX_CLIENTS):
+    """The drawing page's server: GET / the page, POST /predict an image body -> one prediction's JSON.
+    Every other request gets a 4xx and a one-line JSON error. At most max_clients connections are
+    served at once (one request each, HTTP/1.0), each within request_seconds; one image is decoded
+    and classified at a time, so memory stays bounded whatever the clients do."""
     with open(PAGE, encoding="utf-8") as f:
-        page = f.read().replace("{{INFO}}", json.dumps(info).replace("<", "\\u003c")).encode()
-    lock = threading.Lock()
+        page = f.read().replace("{{INFO}}", json.dumps(info).replace("<", "\\u003c"))
+    sha = lambda tag: "'sha256-%s'" % base64.b64encode(hashlib.sha256(  # noqa: E731
+        re.search(f"<{tag}>(.*?)</{tag}>", page, re.S)[1].encode()).digest()).decode()
+    headers = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer",
+               "Cache-Control": "no-store", "Cross-Origin-Resource-Policy": "same-origin",
+               "Content-Security-Policy": f"default-src 'none'; script-src {sha('script')}; style-src {sha('style')}; "
+                                          "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                                          "frame-ancestors 'none'"}
+    page, lock = page.encode(), threading.Lock()
+    loopback = is_loopback(host)
 
     class Handler(BaseHTTPRequestHandler):
-        timeout = 30   # seconds a client may stall mid-request
+        server_version, sys_version = "predict.py", ""
+
+        def setup(self):
+            super().setup()
+            self.rfile.close()
+            self.rfile = io.BufferedReader(Deadline(self.connection, request_seconds))
 
         def reply(self, code, body, kind="application/json"):
-            body = body if isinstance(body, bytes) else json.dumps(body).encode()
+            body = body if isinstance(body, bytes) else (json.dumps(body) + "\n").encode()
+            self.connection.settimeout(request_seconds)
+            if self.request_version == "HTTP/0.9":   # never answered headerless
+                self.request_version = "HTTP/1.0"
             self.send_response(code)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
+            for k, v in dict(headers, **{"Content-Type": kind, "Content-Length": str(len(body))}).items():
+                self.send_header(k, v)
+            if code == 405:
+                self.send_header("Allow", "GET, POST")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def refuse(self, code, message):
+            self.close_connection = True   # what is left of the request stays unread
+            self.reply(code, {"error": message})
+
+        def send_error(self, code, message=None, explain=None):
+            """http.server's own refusals (request line, headers, method, version) as one-line JSON."""
+            if code == HTTPStatus.NOT_IMPLEMENTED:
+                code, message = 405, f"{shown(self.command)[:20]} is not a method here: GET / for the page, POST /predict for an image"
+            elif code >= 500:   # 505: an HTTP version other than 1.x
+                code = 400
+            self.refuse(code, message or HTTPStatus(code).phrase)
+
+        def route(self):
+            """The (status, message) refusing a request that is not GET / or POST /predict, else None."""
+            where = self.headers.get("Host")
+            path, query = self.path.partition("?")[::2]
+            if self.request_version == "HTTP/0.9":
+                return 400, "HTTP/0.9 is not spoken here: use HTTP/1.0 or 1.1"
+            if loopback and where is not None and where.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
+                return 403, f"this page answers requests for 127.0.0.1 or localhost only, not {shown(where)[:100]}"
+            if path not in ENDPOINTS:
+                return 404, f"no such page {shown(self.path)[:100]}: GET / is the page, POST /predict takes an image"
+            if query:
+                return 400, f"{path} takes no query string"
+            if self.command != ENDPOINTS[path]:
+                return 405, f"{path} answers {ENDPOINTS[path]} only"
+            return None
 
         def do_GET(self):
-            if self.path.split("?")[0] == "/":
-                return self.reply(200, page, "text/html; charset=utf-8")
-            self.reply(404, {"error": f"no page {self.path}: the page is /"})
+            if refusal := self.route():
+                return self.refuse(*refusal)
+            self.reply(200, page, "text/html; charset=utf-8")
 
         def do_POST(self):
-            if self.path != "/predict":
-                return self.reply(404, {"error": f"no endpoint {self.path}: POST images to /predict"})
-            size = self.headers.get("Content-Length", "")
-            if not size.isdigit():
-                self.close_connection = True
-                return self.reply(411, {"error": "send the image as the body, with a Content-Length"})
-            if int(size) > MAX_BODY:
-                self.close_connection = True   # the unread body stays in the socket
-                return self.reply(413, {"error": f"the image is over {MAX_BODY // 2 ** 20} MB; send a smaller one"})
+            if refusal := self.route():
+                return self.refuse(*refusal)
+            size = self.headers.get_all("Content-Length", [])
+            if self.headers.get("Transfer-Encoding"):
+                return self.refuse(411, "chunked (or other Transfer-Encoding) bodies are not read: "
+                                        "send the image as the body, with a Content-Length")
+            if not size:
+                return self.refuse(411, "send the image as the body, with a Content-Length")
+            if len(set(size)) > 1 or not re.fullmatch(r"[0-9]{1,12}", size[0].strip()):
+                return self.refuse(400, f"Content-Length must be one whole number of bytes, not {shown(', '.join(size))[:40]}")
+            size = int(size[0])
+            if size > MAX_BODY:
+                return self.refuse(413, f"the image is over {MAX_BODY // 2 ** 20} MB; send a smaller one")
             try:
-                image = digit.to_mnist(digit.open_image(self.rfile.read(int(size))))
+                body = self.rfile.read(size)
+            except TimeoutError:
+                return self.refuse(408, f"the body did not arrive within {request_seconds:g} s")
+            if len(body) < size:
+                return self.refuse(400, f"the body ended after {len(body)} of its Content-Length's {size} bytes")
+            try:
+                with lock:   # one image at a time: memory is one decode's, whatever the clients send
+                    image = digit.to_mnist(digit.open_image(body, MAX_PIXELS))
+                    r = answer("upload", classify(image[None])[0])
             except common.UserError as e:
-                return self.reply(400, {"error": f"request body: {e}"})
-            with lock:
-                r = answer("upload", classify(image[None])[0])
+                return self.refuse(400, f"request body: {e}")
             r.update(info, image="data:image/png;base64," + base64.b64encode(png(image)).decode())
             self.reply(200, r)
 
         def log_message(self, fmt, *a):
-            print(f"{self.address_string()} {fmt % a}", file=sys.stderr)
+            sys.stderr.write(shown(f"{self.address_string()} {fmt % a}") + "\n")   # one write: threads' lines never mix
 
-    return ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        """At most max_clients handler threads; a connection beyond them gets 503 at once."""
+        slots = threading.BoundedSemaphore(max_clients)
+
+        def process_request(self, request, client_address):
+            if self.slots.acquire(blocking=False):
+                return super().process_request(request, client_address)
+            body = json.dumps({"error": f"busy: {max_clients} requests in progress; try again"}).encode() + b"\n"
+            try:
+                request.settimeout(0.1)
+                request.recv(65536)   # the request, read so that closing does not reset the connection
+            except OSError:
+                pass
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.shutdown_request(request)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                self.slots.release()
+
+        def handle_error(self, request, client_address):
+            """A client that went away (a reset, a broken pipe, a write that timed out) is one line; anything
+            else is a bug and keeps its traceback."""
+            e = sys.exc_info()[1]
+            if not isinstance(e, OSError):
+                return super().handle_error(request, client_address)
+            sys.stderr.write(shown(f"{client_address[0]} connection lost: {e.strerror or e}") + "\n")
+
+    return Server((host, port), Handler)
 
 
 def parse_args(argv=None):
@@ -181,8 +340,11 @@ def parse_args(argv=None):
     p.add_argument("--save-preprocessed", metavar="DIR", help="write each 28x28 model input as a PNG into DIR")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (checkpoints only)")
     p.add_argument("--serve", action="store_true", help="start the drawing page instead")
-    p.add_argument("--port", type=int, default=8000, help="the page's port (default 8000)")
-    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="the page's port (default 8000; 0: any free one)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1: this machine only; "
+                                                       "only an address named here is served beyond it)")
+    p.add_argument("--request-timeout", type=float, default=REQUEST_SECONDS, metavar="S",
+                   help=f"seconds a request (headers and body) may take to arrive (default {REQUEST_SECONDS})")
     return p.parse_args(argv)
 
 
@@ -194,12 +356,20 @@ def main(argv=None):
             raise common.UserError(f"--top must be 1 to 10, not {args.top}")
         if not args.serve and not args.inputs:
             raise common.UserError("name at least one image or folder, or start the page with --serve")
+        if not 0 <= args.port <= 65535:
+            raise common.UserError(f"--port must be 0 to 65535, not {args.port}")
+        common.check_positive(args, "request_timeout")
+        if args.save_preprocessed and os.path.exists(args.save_preprocessed) and not os.path.isdir(args.save_preprocessed):
+            raise common.UserError(f"--save-preprocessed {args.save_preprocessed} is a file; give a folder")
         if args.save_preprocessed:
             common.check_out_dir(args.save_preprocessed, "--save-preprocessed")
         classify, info = load_classifier(args)
         if args.serve:
-            server = make_server(args.host, args.port, classify, info)
+            server = make_server(args.host, args.port, classify, info, args.request_timeout)
             host, port = server.server_address[:2]
+            if not is_loopback(args.host):
+                print(f"warning: --host {args.host} serves the page to other machines too, with no Host check",
+                      file=sys.stderr)
             print(f"{info['model']} ({info['source']}) on http://{host}:{port}/  (Ctrl-C stops)", flush=True)
             try:
                 server.serve_forever()

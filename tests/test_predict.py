@@ -228,7 +228,8 @@ def test_cli_on_real_test_images_predicts_like_models_predict(tmp_path, test_set
     assert "zz-broken.png" in run.stderr and "Traceback" not in run.stderr
     results = json.loads(run.stdout)
     assert [r["file"] for r in results] == [str(folder / f"{i:04d}.png") for i in range(n)]
-    assert all(set(r) == {"file", "prediction", "probability", "probabilities"} for r in results)
+    assert all(set(r) == {"file", "prediction", "probability", "probabilities", "preprocessed"} for r in results)
+    assert [r["preprocessed"] for r in results] == [str(tmp_path / "seen" / f"{i:04d}.png") for i in range(n)]
     ref = models.log_probs(models.from_checkpoint(common.load_checkpoint(pretrained("bn_gap"))), x[:n]).exp()
     got = torch.tensor([r["probabilities"] for r in results])
     assert (got - ref).abs().max() < 2e-6
