@@ -89,7 +89,7 @@ def photos(test_set):
 
 @pytest.fixture(scope="module")
 def classifier():
-    return predict.load_classifier(predict.parse_args(["--checkpoint", pretrained("bn_gap"), "--device", "cpu"]))
+    return predict.load_classifier(predict.parse_args(["--checkpoint", pretrained("bn_gap"), "--device", "cpu", "--serve"]))
 
 
 def accuracy(logp, labels):
@@ -209,8 +209,8 @@ def test_bad_flags(argv, words):
     assert str(e.value.code).startswith("error: ") and words in str(e.value.code)
 
 
-def test_cli_on_real_test_images_predicts_like_models_predict(tmp_path, test_set):
-    """predict.py itself (a subprocess) on a folder of real MNIST test PNGs: the same probabilities as
+def test_cli_on_real_test_images_predicts_like_models_predict(tmp_path, test_set, forked):
+    """predict.py itself (a real process, forked) on a folder of real MNIST test PNGs: the same probabilities as
     models.predict on the raw tensors, --save-preprocessed writes them back unchanged, and one bad
     file among them is one error line and exit code 1."""
     x, _ = test_set
@@ -220,9 +220,8 @@ def test_cli_on_real_test_images_predicts_like_models_predict(tmp_path, test_set
     for i in range(n):
         Image.fromarray(x[i].numpy()).save(folder / f"{i:04d}.png")
     (folder / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), str(folder), "--json", "--checkpoint",
-                          pretrained("bn_gap"), "--device", "cpu", "--save-preprocessed", str(tmp_path / "seen")],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    run = forked.run("predict.py", str(folder), "--json", "--checkpoint", pretrained("bn_gap"), "--device", "cpu",
+                     "--save-preprocessed", str(tmp_path / "seen"), cwd=tmp_path, timeout=120)
     assert run.returncode == 1
     assert run.stderr.strip().startswith("error: ") and len(run.stderr.strip().splitlines()) == 1
     assert "zz-broken.png" in run.stderr and "Traceback" not in run.stderr
@@ -255,6 +254,134 @@ def test_artifact_and_the_trust_rule(tmp_path, test_set, capsys):
         predict.main([str(image), "--artifact", path, "--trust-code", "--top", "1"])
     assert e.value.code == 0
     assert capsys.readouterr().out.startswith(f"{image}: {int(y[1])} (")
+
+
+# ------------------------------------------------------------- hostile files and folders
+
+def digit_png():
+    """A tiny digit already in MNIST's form (28x28, white on black): decoded and passed through unchanged."""
+    a = np.zeros((28, 28), np.uint8)
+    a[6:22, 12:16] = 255
+    return png_bytes(Image.fromarray(a))
+
+
+def predict_run(forked, cwd, *args, model="bn_gap"):
+    r = forked.run("predict.py", *args, "--checkpoint", pretrained(model), "--device", "cpu", cwd=cwd, timeout=120)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert all(line.startswith("error: ") for line in r.stderr.splitlines()), r.stderr
+    return r
+
+
+def test_folder_of_special_files(forked, tmp_path):
+    """A FIFO (it hung predict.py), a socket, a symlink loop and a symlink to itself, a mode-000 file, names
+    with a newline and with bytes that are not UTF-8 (printed raw, a UnicodeEncodeError traceback under a
+    strict UTF-8 stdout): one error line each for what cannot be read, one answer line each for the rest,
+    the names escaped onto their one line. Run as root (here), the mode-000 file is readable and answered;
+    otherwise it is one "Permission denied" line."""
+    import socket
+    d = tmp_path / "dir"
+    (d / "sub").mkdir(parents=True)
+    for name in ("good.png", "new\nline.png", "locked.png"):
+        (d / name).write_bytes(digit_png())
+    with open(os.path.join(os.fsencode(d), b"bad\xffutf8.png"), "wb") as f:
+        f.write(digit_png())
+    os.chmod(d / "locked.png", 0)
+    os.mkfifo(d / "fifo.png")
+    os.symlink("fifo.png", d / "to-fifo.png")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(d / "sock.png"))
+    os.symlink(".", d / "sub" / "loop")   # a folder loop: not followed
+    os.symlink("self.png", d / "self.png")
+    os.symlink("nowhere", tmp_path / "dangling")
+    try:
+        r = predict_run(forked, tmp_path, "dir", "dir/fifo.png", "/dev/zero", "dangling", "--top", "1")
+    finally:
+        sock.close()
+    root = os.geteuid() == 0
+    answered = ["dir/bad\\xffutf8.png", "dir/good.png"] + ["dir/locked.png"] * root + ["dir/new\\x0aline.png"]
+    assert r.returncode == 1
+    assert [line.split(": ")[0] for line in r.stdout.splitlines()] == answered, r.stdout
+    errors = {"dir/fifo.png": "not a regular file", "dir/sock.png": "not a regular file", "dir/to-fifo.png":
+              "not a regular file", "dir/self.png": "Too many levels of symbolic links", "/dev/zero": "not a regular file",
+              "dangling": "a symbolic link to nothing"}
+    if not root:
+        errors["dir/locked.png"] = "Permission denied"
+    lines = r.stderr.splitlines()
+    assert len(lines) == len(errors) + 1, r.stderr   # dir/fifo.png twice: in the folder and named
+    for name, words in errors.items():
+        assert any(line.startswith(f"error: {name}: {words}") for line in lines), (name, r.stderr)
+
+
+def test_ten_thousand_files(forked, tmp_path):
+    """10,000 files in one folder: 512 tiny digits and 9,488 empty files named .png (the classification of
+    10,000 real ones would cost this suite 15 s; the listing, the per-file errors and the batches are the
+    same). Every digit answered in order, one error line per empty file, exit 1."""
+    d = tmp_path / "many"
+    d.mkdir()
+    raw = digit_png()
+    for i in range(10000):
+        (d / f"{i:05d}.png").write_bytes(raw if i % 19 == 0 and i < 512 * 19 else b"")
+    r = predict_run(forked, tmp_path, "many", "--top", "1", model="gap10k")
+    assert r.returncode == 1
+    assert [line.split(":")[0] for line in r.stdout.splitlines()] == [f"many/{i:05d}.png" for i in range(0, 9728, 19)]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 9488 and all(line.endswith(": empty file") for line in lines)
+
+
+def test_files_are_read_classified_and_printed_a_batch_at_a_time(tmp_path, capsys):
+    """Memory holds one batch (BATCH images) whatever the file count, and each batch's answers are out
+    before the next is read; --json still prints exactly json.dumps(results, indent=1)."""
+    for i in range(600):
+        (tmp_path / f"{i:03d}.png").write_bytes(digit_png())
+    sizes, printed = [], []
+
+    def classify(x):
+        sizes.append(len(x))
+        printed.append(capsys.readouterr().out)
+        return torch.full((len(x), 10), 0.1)
+    assert predict.run_files(predict.parse_args([str(tmp_path), "--json"]), classify) == 0
+    printed.append(capsys.readouterr().out)
+    assert sizes == [256, 256, 88] and printed[0] == "" and printed[1].count('"file"') == 256
+    results = [predict.answer(str(tmp_path / f"{i:03d}.png"), np.full(10, 0.1)) for i in range(600)]
+    assert "".join(printed) == json.dumps(results, indent=1) + "\n"
+
+
+def test_save_preprocessed_rules(forked, tmp_path):
+    """--save-preprocessed DIR: refused (one line, nothing written) when DIR is a file, cannot be created or
+    written, or when a PNG it writes would replace an input (--save-preprocessed equal to the input's
+    folder used to replace a.png by its own 28x28 input); DIR may be an input's folder otherwise, and a
+    symlink to a folder (written where it points); a symlink at an output's name is replaced, never
+    written through; two inputs of one name get seven.png and seven-2.png, and each answer says which."""
+    for sub in ("a", "b", "c", "elsewhere", "links"):
+        (tmp_path / sub).mkdir()
+    for name in ("a/seven.png", "b/seven.png"):
+        (tmp_path / name).write_bytes(digit_png())
+    (tmp_path / "c" / "photo.jpg").write_bytes(png_bytes(Image.new("RGB", (28, 28)), "JPEG"))
+    Image.fromarray(255 - np.asarray(Image.open(io.BytesIO(digit_png())))).save(tmp_path / "c" / "photo.jpg", "JPEG")
+    (tmp_path / "afile").write_text("x")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "out-link")
+    (tmp_path / "outside.txt").write_text("not yours")
+    os.symlink(tmp_path / "outside.txt", tmp_path / "links" / "seven.png")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and not p.is_symlink()}
+    for out, words in (("afile", "is a file; give a folder"), ("/proc/no/where", "cannot write to --save-preprocessed"),
+                       ("a", "would replace the input a/seven.png")) + ((("ro", "cannot write"),) if os.geteuid() else ()):
+        r = predict_run(forked, tmp_path, "a", "b", "--save-preprocessed", out)
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and words in r.stderr, r.stderr
+        assert r.stdout == ""
+    assert {p: p.read_bytes() for p in before} == before and sorted(os.listdir(tmp_path / "a")) == ["seven.png"]
+    r = predict_run(forked, tmp_path, "a/seven.png", "b/seven.png", "c/photo.jpg", "--save-preprocessed", "out-link",
+                    "--json")
+    assert r.returncode == 0, r.stderr
+    assert [x["preprocessed"] for x in json.loads(r.stdout)] == ["out-link/seven.png", "out-link/seven-2.png",
+                                                                  "out-link/photo.png"]
+    assert sorted(os.listdir(tmp_path / "elsewhere")) == ["photo.png", "seven-2.png", "seven.png"]
+    assert predict_run(forked, tmp_path, "c", "--save-preprocessed", "c").returncode == 0   # the input's folder
+    assert sorted(os.listdir(tmp_path / "c")) == ["photo.jpg", "photo.png"]
+    assert predict_run(forked, tmp_path, "a", "--save-preprocessed", "links").returncode == 0
+    assert not (tmp_path / "links" / "seven.png").is_symlink() and (tmp_path / "outside.txt").read_text() == "not yours"
+    assert {p: p.read_bytes() for p in before} == before
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
 # ---------------------------------------------------------------------------- the server
