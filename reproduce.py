@@ -10,6 +10,10 @@ command can be stopped and restarted, and every finished seed on disk (say from 
 best.pt of each recipe's seed 1 becomes pretrained/<model>.pt (weights only,
 weights_only-loadable).
 
+Sweeps: --executor local runs the runs as jobs at once on one machine (--parallel N, each job on a GPU of
+its own), --executor slurm as a Slurm job array; --lr V1 V2 and --set KEY=V1,V2 (any train.py flag) add a
+grid, whose runs go to runs/reproduce/<model>-<key><value>...-seed<k>/ (sweep.py runs the jobs).
+
 REPRODUCTION.md holds only what the runs measured and what the registry (models.RECIPES) says;
 everything below the line MARKER in it is hand-written analysis, kept byte for byte when the
 file is regenerated. The figures (figures/curves-<model>.png, figures/tradeoff.png) are drawn
@@ -17,10 +21,12 @@ with fixed sizes, fonts and style and no timestamp, so the same runs give the sa
 """
 import argparse
 import io
+import itertools
 import math
 import os
 import re
 import statistics
+import sys
 import time
 
 import matplotlib
@@ -31,6 +37,7 @@ from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 import common
 import data
 import models
+import sweep
 import train
 
 MARKER = "<!-- hand-written analysis below: reproduce.py keeps it as is -->"
@@ -638,6 +645,145 @@ def make_figures(results, train_accs):
     return source
 
 
+# ---------------------------------------------------------------------------------------------
+# What to train: recipes x grid x seeds, as train.py argument lists (sweep.py runs them as jobs)
+
+RESERVED = {"model", "seed", "device", "data_dir", "out", "resume", "no_progress", "help"}  # set per run here
+SWITCH = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
+
+
+def grid_flags():
+    """train.py's flags a grid may vary, {dest: its argparse action}: everything but what reproduce.py
+    sets for each run itself."""
+    return {a.dest: a for a in train.parser()._actions if a.option_strings and a.dest not in RESERVED}
+
+
+def grid_value(flag, action, text):
+    if action.nargs == 0:  # a switch such as --amp: on or off
+        if text.lower() not in SWITCH:
+            raise common.UserError(f"--set {flag}: '{text}' is not on or off")
+        return SWITCH[text.lower()]
+    try:
+        value = (action.type or str)(text)
+    except ValueError:
+        raise common.UserError(f"--set {flag}: '{text}' is not {'an integer' if action.type is int else 'a number'}") \
+            from None
+    if action.choices and value not in action.choices:
+        raise common.UserError(f"--set {flag}: '{text}' is not one of {', '.join(action.choices)}")
+    return value
+
+
+def parse_grid(lrs, sets):
+    """{dest: [values]} (sorted by flag) from --lr V ... and --set KEY=V1,V2 (KEY: a train.py flag)."""
+    flags, grid = grid_flags(), {}
+    for item in ([f"lr={','.join(lrs)}"] if lrs else []) + (sets or []):
+        key, eq, values = item.partition("=")
+        dest = key.strip().lstrip("-").replace("-", "_")
+        if not eq or not values.strip(","):
+            raise common.UserError(f"--set takes KEY=V1,V2,... (a train.py flag and its values), got '{item}'")
+        if dest not in flags:
+            raise common.UserError(f"--set {key}: not a train.py flag a sweep can vary; choose from "
+                                   f"{', '.join(sorted(d.replace('_', '-') for d in flags))}")
+        if dest in grid:
+            raise common.UserError(f"--set {key} is given twice (--lr is --set lr=...)")
+        grid[dest] = [grid_value(key, flags[dest], v.strip()) for v in values.split(",") if v.strip()]
+    return dict(sorted(grid.items()))
+
+
+def shown(value):
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def plan(args, seeds, grid, absolute=False):
+    """Every run the command asks for, in order, as sweep.Task (label, folder, train.py's argv) with
+    `summary` set where it already finished. A run stopped part-way is resumed (--resume); each new
+    run's argv is checked by train.py's own rules before anything starts."""
+    flags, tasks = grid_flags(), []
+    where = os.path.abspath if absolute else (lambda p: p)  # jobs get whole paths
+    common_argv = ["--device", args.device, "--no-progress"] + (["--data-dir", where(args.data_dir)]
+                                                                 if args.data_dir else [])
+    for name in args.models:
+        for point in itertools.product(*grid.values()):
+            setting = dict(zip(grid, point))
+            tag = "".join(f"-{d.replace('_', '-')}{shown(v)}" for d, v in setting.items())
+            for seed in range(1, seeds + 1):
+                out = run_dir(name + tag, seed)
+                label = " ".join([f"{name} seed {seed}"] + [f"{d.replace('_', '-')}={shown(v)}"
+                                                            for d, v in setting.items()])
+                if os.path.isfile(os.path.join(out, "last.pt")):  # a run stopped part-way goes on
+                    argv = ["--resume", where(out)] + common_argv
+                else:
+                    argv = ["--model", name, "--seed", str(seed), "--out", where(out)] + common_argv
+                    argv += [] if "val" in setting else ["--val", str(args.val)]
+                    for d, v in setting.items():
+                        opt = flags[d].option_strings[0]
+                        argv += ([opt] if v else []) if flags[d].nargs == 0 else [opt, str(v)]
+                    train.check_args(train.parse_args(argv))
+                task = sweep.Task(label, out, argv)
+                task.summary = finished(out, setting.get("epochs") or models.RECIPES[name]["epochs"])
+                tasks.append(task)
+    return tasks
+
+
+def executor_options(args, device):
+    """The executor's settings, each checked before anything starts: {parallel, gpus, threads, timeout_s}
+    for local, {parallel, partition, time_s, gpus, cpus} for slurm, {} inline."""
+    slurm = [f for f in ("slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus") if getattr(args, f) is not None]
+    if args.executor != "slurm" and slurm:
+        raise common.UserError(f"--{slurm[0].replace('_', '-')} is for --executor slurm")
+    if args.executor == "inline":
+        if args.parallel is not None or args.job_timeout is not None:
+            raise common.UserError("--parallel and --job-timeout are for --executor local or slurm; inline trains "
+                                   "one run after another in this process")
+        return {}
+    common.check_at_least(args, 1, "parallel", "slurm_gpus", "slurm_cpus")
+    if args.executor == "slurm":
+        if args.job_timeout is not None:
+            raise common.UserError("--job-timeout is for --executor local; a Slurm job's limit is --slurm-time")
+        time_s = sweep.parse_time(args.slurm_time or "1:00:00", "--slurm-time")
+        sweep.check_slurm()
+        return dict(parallel=args.parallel, partition=args.slurm_partition, time_s=time_s,
+                    gpus=1 if args.slurm_gpus is None else args.slurm_gpus, cpus=args.slurm_cpus or 4)
+    timeout_s = args.job_timeout and sweep.parse_time(args.job_timeout, "--job-timeout")
+    gpus = sweep.local_gpus(device)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parallel = args.parallel or len(gpus) or 1
+    if gpus and parallel > len(gpus):
+        raise common.UserError(f"--parallel {parallel}: each job gets a GPU of its own and this machine shows "
+                               f"{len(gpus)}; use --parallel {len(gpus)} at most, or --device cpu")
+    return dict(parallel=parallel, gpus=gpus, threads=max(1, cpus // parallel), timeout_s=timeout_s)
+
+
+def train_all(args, tasks, options):
+    """Train `tasks` (the unfinished ones) inline, one after another as before, or as jobs; a job that
+    fails is listed at the end, one line each, after the others have run."""
+    if args.executor == "inline":
+        for t in tasks:
+            train.run(train.parse_args(t.argv))
+        return
+    log_dir = os.path.join(RUNS, "jobs")
+    os.makedirs(log_dir, exist_ok=True)
+    if args.executor == "local":
+        sweep.run_local(tasks, log_dir, **options)
+    else:
+        sweep.run_slurm(tasks, log_dir, **options)
+    failed = [t for t in tasks if t.failure]
+    for t in failed:
+        print("failed: " + t.failure, file=sys.stderr)
+    if failed:
+        raise common.UserError(f"{len(failed)} of {len(tasks)} runs failed (listed above); the others are kept: run "
+                               "the same command again to retry the failed runs and resume the unfinished ones")
+
+
+def grid_table(tasks):
+    """A grid's outcome, one line per run: its best test accuracy (and the one chosen on validation)."""
+    for t in tasks:
+        s = common.read_json_dict(os.path.join(t.out, "summary.json"))
+        chosen = (f", chosen on validation {s['val_chosen_test_acc']:.2f}% (epoch {s['val_chosen_epoch']})"
+                  if common.is_number(s.get("val_chosen_test_acc")) else "")
+        print(f"{t.label}: best test accuracy {s['best_test_acc']:.2f}% (epoch {s['best_epoch']}){chosen}; {t.out}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Reproduce the recipes: train every seed not yet finished in runs/reproduce/, then write "
@@ -659,27 +805,59 @@ def main(argv=None):
     p.add_argument("--no-train", action="store_true",
                    help="train nothing: rebuild REPRODUCTION.md, figures/ and pretrained/ from the runs "
                         "finished in runs/reproduce/, skipping unfinished ones (seconds; default: off)")
+    g = p.add_argument_group("sweeps", "the runs as jobs at once, and grids beyond seeds (README, 'Sweeps')")
+    g.add_argument("--executor", choices=["inline", "local", "slurm"], default="inline",
+                   help="inline (default): one run after another in this process; local: submitit jobs on this "
+                        "machine, several at once, each on a GPU of its own; slurm: a Slurm job array")
+    g.add_argument("--parallel", type=int, metavar="N",
+                   help="jobs at once (default: local, one per GPU, else 1; slurm: no limit of ours); without GPUs "
+                        "each local job gets its share of the CPU threads")
+    g.add_argument("--job-timeout", metavar="TIME",
+                   help="local: stop a job still running after TIME (Slurm's format: MINUTES, MM:SS, HH:MM:SS, "
+                        "D-HH:MM) and report it; its last finished epoch is kept (default: no limit)")
+    g.add_argument("--lr", nargs="+", metavar="LR",
+                   help="a grid over learning rates (default: the recipe's, as in train.py): each value is its own "
+                        "run folder, <model>-lr<LR>-seed<k>")
+    g.add_argument("--set", action="extend", nargs="+", metavar="KEY=V1,V2",
+                   help="a grid over any train.py flag (e.g. batch-size=64,128, amp=on,off), repeatable; the runs "
+                        "of a grid get their own folders and a table, not REPRODUCTION.md (default: none)")
+    g.add_argument("--slurm-partition", metavar="NAME", help="slurm: the partition (default: the cluster's)")
+    g.add_argument("--slurm-time", metavar="TIME",
+                   help="slurm: time limit per job, Slurm's format (default 1:00:00); one that runs out is "
+                        "reported, and the same command resumes it from its last epoch")
+    g.add_argument("--slurm-gpus", type=int, metavar="N", help="slurm: GPUs per job (default 1; 0 for CPU jobs)")
+    g.add_argument("--slurm-cpus", type=int, metavar="N",
+                   help="slurm: CPUs per job, also its torch threads (default 4)")
     args = p.parse_args(argv)
-    with common.one_line_errors("interrupted: finished runs are kept; run the same command again to go on"):
+    with common.one_line_errors("interrupted: finished runs are kept, running jobs cancelled; run the same command "
+                                "again to go on"):
         for name in args.models:
             models.get_recipe(name)
-        if args.no_train and args.seeds:
-            raise common.UserError("--seeds sets what to train; with --no-train nothing is trained")
+        if args.no_train and (args.seeds or args.lr or args.set or args.executor != "inline"):
+            raise common.UserError("--seeds, --lr, --set and --executor say what to train; with --no-train nothing "
+                                   "is trained")
         common.check_at_least(args, 1, "seeds")
-        device = common.get_device(args.device)
-        seeds = args.seeds or (3 if device.type == "cuda" else 1)
+        grid = parse_grid(args.lr, args.set)
+        if args.executor == "slurm" and args.device not in ("auto", "cpu", "cuda"):
+            raise common.UserError(f"--executor slurm trains on auto, cpu or cuda, not '{args.device}'")
+        # with Slurm the jobs find their own device; this process only writes the report, on the CPU
+        device = common.get_device("cpu" if args.executor == "slurm" else args.device)
+        options = executor_options(args, device)
+        gpu_jobs = device.type == "cuda" or (args.executor == "slurm" and args.slurm_gpus != 0)
+        seeds = args.seeds or (3 if gpu_jobs else 1)
         t0 = time.time()
-        for name in [] if args.no_train else args.models:
-            for seed in range(1, seeds + 1):
-                out = run_dir(name, seed)
-                if finished(out, models.RECIPES[name]["epochs"]) is None:
-                    again = os.path.isfile(os.path.join(out, "last.pt"))  # a run stopped part-way goes on
-                    targs = train.parse_args(["--device", args.device, "--no-progress"]
-                                             + (["--resume", out] if again else
-                                                ["--model", name, "--seed", str(seed), "--val", str(args.val),
-                                                 "--out", out])
-                                             + (["--data-dir", args.data_dir] if args.data_dir else []))
-                    train.run(targs)
+        if not args.no_train:
+            plan(args, seeds, grid)  # every run's arguments checked before runs/ is touched
+            sweep.lock_runs(RUNS)  # held to the end: a second reproduce.py training here is refused
+            tasks = plan(args, seeds, grid, absolute=args.executor != "inline")  # what is on disk, now locked
+            todo = [t for t in tasks if t.summary is None]
+            if args.executor != "inline":
+                print(f"{len(tasks)} runs: {len(tasks) - len(todo)} finished already (skipped), {len(todo)} to train "
+                      f"with --executor {args.executor}; job logs in {os.path.join(RUNS, 'jobs')}/", flush=True)
+            train_all(args, todo, options)
+            if grid:
+                grid_table(tasks)
+                return
         results, skipped = {}, []
         for name in args.models:
             runs = collect(name)

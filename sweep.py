@@ -1,0 +1,253 @@
+"""reproduce.py's runs as jobs: on every GPU of one machine (submitit's local executor) or on a Slurm
+cluster (submitit's Slurm executor). Each job is one run of train.py (`job`: train.run on the same
+arguments `python train.py` takes) into its usual run folder, locked while written; the jobs'
+logs go to runs/reproduce/jobs/. Failed jobs are reported one line each at the end and do not stop
+the others; Ctrl-C cancels the jobs this process started.
+"""
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import sys
+import time
+
+import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
+from tqdm import tqdm
+
+from common import UserError, error_line, first_line
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NO_LIMIT_S = 365 * 24 * 3600  # submitit's local jobs always have a time limit: without --job-timeout, a year
+
+
+# ---------------------------------------------------------------------------------- the job
+
+def job(argv, threads=None):
+    """One run of train.py inside a job, as `python train.py ARGV` would run it. Returns ("done", None),
+    ("error", its one `error:` line) or ("interrupted", ...) (Ctrl-C, a cancel, a local time limit);
+    the line is also printed to the job's log. A bug keeps its traceback (submitit records it)."""
+    import torch
+
+    import train
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        train.run(train.parse_args(argv))
+        return "done", None
+    except (UserError, OSError) as e:
+        line = error_line(e)
+    except KeyboardInterrupt:
+        line = "interrupted: last.pt holds the last finished epoch"
+    print(line, file=sys.stderr, flush=True)
+    return ("interrupted" if line.startswith("interrupted") else "error"), line
+
+
+# ------------------------------------------------------------------------------- checking
+
+TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def parse_time(text, flag):
+    """Seconds in one of Slurm's time formats: MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS."""
+    m = TIME.fullmatch(text or "")
+    if not m:
+        raise UserError(f"{flag} must be in Slurm's time format (MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
+                        f"D-HH:MM:SS), got '{text}'")
+    days, parts = int(m.group(1) or 0), [int(p) for p in m.groups()[1:] if p is not None]
+    if m.group(1) is not None:  # D-HH[:MM[:SS]]
+        h, mi, s = (parts + [0, 0])[:3]
+    else:  # MINUTES, MM:SS or HH:MM:SS
+        h, mi, s = [(0, parts[0], 0), (0, *parts), tuple(parts)][len(parts) - 1]
+    seconds = ((days * 24 + h) * 60 + mi) * 60 + s
+    if seconds <= 0:
+        raise UserError(f"{flag} must be longer than 0, got '{text}'")
+    return seconds
+
+
+def local_gpus(device):
+    """The GPU indices a local job may be given (one each), [] where jobs train on the CPU. The
+    user's CUDA_VISIBLE_DEVICES is honoured: its indices are the ones handed out."""
+    import torch
+    if device.type != "cuda":
+        return []
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is None:
+        return list(range(torch.cuda.device_count()))
+    ids = [g.strip() for g in given.split(",") if g.strip()]
+    if not all(g.isdigit() for g in ids):
+        raise UserError(f"--executor local gives each job one GPU by its index; CUDA_VISIBLE_DEVICES={given} "
+                        "names GPUs another way (UUIDs, MIG): set it to indices, or unset it")
+    return [int(g) for g in ids]
+
+
+def check_slurm():
+    if shutil.which("sbatch") is None:
+        raise UserError("--executor slurm needs Slurm's sbatch on PATH, and there is none here; run on a "
+                        "cluster's login node, or use --executor local")
+
+
+def lock_runs(folder):
+    """Hold `folder` (runs/reproduce) for this process's life, so a second reproduce.py that would train
+    into it is refused before it starts anything (released on any exit, kill -9 included)."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, ".sweep.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"{folder} is in use by another reproduce.py (pid {pid}) that trains into it; wait for "
+                        "it to end or stop it (Ctrl-C) first") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+# --------------------------------------------------------------------------------- running
+
+class Task:
+    """One run to train: its label for people ('bn_fc seed 2 lr=0.01'), its folder, train.py's argv."""
+
+    def __init__(self, label, out, argv):
+        self.label, self.out, self.argv = label, out, argv
+        self.job = self.started = self.slot = None
+        self.failure = None  # the one line saying why, once it failed
+        self.ended = False
+
+
+@contextlib.contextmanager
+def stderr_into(path):
+    """Processes started inside get `path` as their stderr: submitit's local controller prints a
+    traceback when Ctrl-C reaches it, which belongs in a log, not on the user's terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def job_path():
+    """PYTHONPATH for the jobs: they unpickle sweep.job, which needs this folder importable."""
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
+
+
+def failure(task, timeout_s):
+    """Why a finished job did not train its run, in one line; None if it did."""
+    j = task.job
+    log = os.path.relpath(j.paths.stdout)
+    timed_out = timeout_s and time.time() - task.started >= timeout_s - 1
+    if isinstance(j, submitit.LocalJob) and not j.paths.result_pickle.exists():
+        why = (f"timed out after {timeout_s:g} s (--job-timeout) and was stopped" if timed_out else
+               "ended without a result: killed (kill -9, out of memory?) or crashed outside Python")
+    else:
+        try:
+            kind, line = j.result()
+            why = None if kind == "done" else (f"timed out after {timeout_s:g} s (--job-timeout): {line}"
+                                              if timed_out else line)
+        except FailedJobError as e:  # a bug (the trace's last line), or Slurm's time limit reached
+            trace = str(e).split("-" * 22)
+            last = trace[1].strip().splitlines()[-1] if len(trace) > 2 else first_line(e)
+            why = ("ran out of its --slurm-time and was stopped" if "timed-out and not checkpointable" in last
+                   else "crashed: " + last)
+        except UncompletedJobError:  # (FailedJobError is one too)
+            why = "ended without a result (cancelled, killed, out of memory or out of time?)"
+    return None if why is None else f"{task.label}: {why} (log: {log})"
+
+
+def bar(total):
+    """One progress bar over the jobs on a terminal; elsewhere (CI, logs) one line per finished job."""
+    return tqdm(total=total, unit="run", desc="runs", file=sys.stderr, disable=not sys.stderr.isatty(),
+                dynamic_ncols=True)
+
+
+def progress(b, tasks, task, running, state="running"):
+    ended = [t for t in tasks if t.job is not None and (t.failure is not None or t is task or t.ended)]
+    task.ended = True
+    failed = sum(t.failure is not None for t in tasks)
+    b.update(1)
+    b.set_postfix_str(f"{state} {running}, failed {failed}")
+    if b.disable:
+        said = task.failure[len(task.label) + 2:].split(" (log: ")[0] if task.failure else "finished"
+        print(f"[{len(ended)}/{len(tasks)}] {task.label}: {said}", flush=True)
+
+
+def wait_cancelled(tasks, seconds=15):
+    """Cancel the jobs still running and wait (a little) until they are gone."""
+    live = [t for t in tasks if t.job is not None and not t.job.done()]
+    for t in live:
+        with contextlib.suppress(Exception):
+            t.job.cancel(check=False)
+    end = time.time() + seconds
+    while time.time() < end and any(not t.job.done() for t in live):
+        time.sleep(0.1)
+
+
+def run_local(tasks, log_dir, parallel, gpus, threads, timeout_s):
+    """Every task as a job of submitit's LocalExecutor, at most `parallel` at once; each gets a GPU of
+    its own from `gpus` (CUDA_VISIBLE_DEVICES), or `threads` CPU threads where there are none."""
+    job_path()
+    ex = submitit.LocalExecutor(folder=log_dir)
+    ex.update_parameters(timeout_min=(timeout_s or NO_LIMIT_S) / 60, signal_delay_s=0, stderr_to_stdout=True)
+    slots = list(gpus[:parallel]) if gpus else [None] * parallel
+    pending, running = list(tasks), []
+    with bar(len(tasks)) as b:
+        try:
+            while pending or running:
+                while pending and slots:
+                    t = pending.pop(0)
+                    t.slot = slots.pop(0)
+                    ex.update_parameters(gpus_per_node=0 if t.slot is None else 1,
+                                         visible_gpus=() if t.slot is None else (t.slot,))
+                    with stderr_into(os.path.join(log_dir, "controllers.log")):
+                        t.job = ex.submit(job, t.argv, threads)
+                    t.started = time.time()
+                    running.append(t)
+                for t in [t for t in running if t.job.done()]:
+                    running.remove(t)
+                    slots.append(t.slot)
+                    t.failure = failure(t, timeout_s)
+                    progress(b, tasks, t, len(running))
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            b.close()
+            wait_cancelled(running)
+            raise
+
+
+def run_slurm(tasks, log_dir, parallel, partition, time_s, gpus, cpus):
+    """Every task as one task of a Slurm job array (sbatch), at most `parallel` running at once."""
+    job_path()
+    ex = submitit.SlurmExecutor(folder=log_dir)
+    ex.update_parameters(time=max(1, -(-time_s // 60)), gpus_per_node=gpus, cpus_per_task=cpus, ntasks_per_node=1,
+                         stderr_to_stdout=True, job_name="reproduce", array_parallelism=parallel or 256,
+                         **({"partition": partition} if partition else {}))
+    try:
+        with ex.batch():
+            for t in tasks:
+                t.job = ex.submit(job, t.argv, cpus)
+    except Exception as e:  # sbatch refused (partition, account, limits): nothing was submitted
+        raise UserError(f"sbatch refused the jobs: {first_line(e)}") from None
+    for t in tasks:
+        t.started = time.time()
+    waiting = list(tasks)
+    with bar(len(tasks)) as b:
+        try:
+            while waiting:
+                for t in [t for t in waiting if t.job.done()]:
+                    waiting.remove(t)
+                    t.failure = failure(t, None)
+                    progress(b, tasks, t, len(waiting), "queued or running")
+                time.sleep(2)
+        except KeyboardInterrupt:
+            b.close()
+            wait_cancelled(waiting, seconds=0)  # scancel; Slurm ends them
+            raise
