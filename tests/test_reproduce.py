@@ -157,7 +157,8 @@ def test_help_states_meaning_and_default_of_every_flag(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--models", "--seeds", "--device", "--data-dir", "--no-train"):
+    for flag in ("--models", "--seeds", "--device", "--data-dir", "--no-train", "--executor", "--parallel",
+                 "--job-timeout", "--lr", "--set", "--slurm-partition", "--slurm-time", "--slurm-gpus", "--slurm-cpus"):
         part = text.split(flag, 2)[-1].split(" --")[0]   # the flag's own help text
         assert "default" in part, flag
 
