@@ -146,9 +146,9 @@ def calibration_set(data_dir=None, n=CALIBRATION_IMAGES):
     test = {im.tobytes() for im in load("test", data_dir)[0].numpy()}
     leaked = [i for i, im in enumerate(images.numpy()) if im.tobytes() in test]
     if leaked:
-        raise DataError(f"the int8 calibration set would include test images: {len(leaked)} of the first {len(images):,} "
-                        f"training images in {resolve_dir(data_dir)} (the first: image {leaked[0]}) are also in the "
-                        "test set; use the real MNIST training files")
+        raise DataError(f"the int8 calibration set would include test images: {len(leaked)} of the first "
+                        f"{len(images):,} training images in {resolve_dir(data_dir)} (the first: image {leaked[0]}) "
+                        "are also in the test set; use the real MNIST training files")
     return to_unit(images).numpy()
 
 

@@ -194,7 +194,7 @@ def main(argv=None):
         check_keeps_inputs([os.path.join(args.out, ckpt["model_name"] + artifacts.FORMATS[f]) for f in formats] +
                            [os.path.join(args.out, artifacts.MANIFEST)], [path])
         if "onnx-int8" in formats:
-            data.calibration_set(args.data_dir)  # refused now, not after the other formats, if it would hold test images
+            data.calibration_set(args.data_dir)  # refused now, not after other formats, if it holds test images
         print(f"{ckpt['model_name']}: {path} (epoch {ckpt['epoch']}, test accuracy {ckpt['test_acc']:.2f}%)", flush=True)
         src = source(ckpt, args.data_dir)  # one model, one reference, one test set for every format
         for fmt in formats:

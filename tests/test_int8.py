@@ -37,8 +37,8 @@ def int8(tmp_path_factory, mnist_dir):
     (real / "bn_fc.int8.onnx").write_bytes(OLD)
     out = real.parent / (real.name + "-link")
     os.symlink(real, out)
-    reader = subprocess.Popen(["sh", "-c", 'exec 3< "$1"; echo open; read go; cat <&3', "sh", str(real / "bn_fc.int8.onnx")],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    reader = subprocess.Popen(["sh", "-c", 'exec 3< "$1"; echo open; read go; cat <&3', "sh",
+                               str(real / "bn_fc.int8.onnx")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert reader.stdout.readline() == b"open\n"
     made = []
     try:
