@@ -11,6 +11,7 @@ test (the two-sided binomial test on the images exactly one of them gets wrong):
 0.1 pp apart can differ significantly or not at all, depending on how often they disagree.
 """
 import argparse
+import filecmp
 import json
 
 import artifacts
@@ -66,6 +67,9 @@ def main(argv=None):
     with one_line_errors():
         device = get_device(args.device)
         a, b = (artifacts.classifier(s, args.trust_code, device) for s in (args.a, args.b))
+        if filecmp.cmp(a.source, b.source, shallow=False):
+            raise UserError(f"A and B are the same file ({a.source} and {b.source} hold the same bytes): a model "
+                            "against itself has nothing to compare")
         images, labels = data.load("test", args.data_dir)
         r = compare(a, b, images, labels)
     print(json.dumps(r, indent=1) if args.json else text(r))

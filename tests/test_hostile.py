@@ -5,6 +5,7 @@ The cases run in one batch through the session's fork server (conftest.py `forke
 it imports torch and the scripts once, then forks one child per case (its own exit code, stderr and
 working folder), which keeps ~40 process runs fast. Warnings are off in them (PYTHONWARNINGS=ignore),
 as they always were here: a hostile file may well make a library warn; the one line is ours."""
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import sys
 import zipfile
 import zlib
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -119,11 +121,55 @@ def hostile(tmp_path_factory, mnist_dir, trained):
               [helper.make_node("Identity", ["image"], ["a"]), helper.make_node("Identity", ["image"], ["b"])])
     onnx_file(str(d / "flat-in.onnx"), [tensor("image", ["N", 784])], [tensor("y", ["N", 784])],
               [helper.make_node("Identity", ["image"], ["y"])])
-    # a run folder with garbage beside a good checkpoint
+    # a run folder with garbage beside a good checkpoint, read through a symlink to it (so --out, the run
+    # folder by default, is a symlink elsewhere), and a symlink at report.html pointing out of it
     (d / "garbage-run").mkdir()
     shutil.copy(trained / "best.pt", d / "garbage-run" / "best.pt")
     (d / "garbage-run" / "metrics.csv").write_text("epoch,test_acc\n1,abc\n\x00\x01")
     (d / "garbage-run" / "summary.json").write_text("[1, 2, 3]")
+    os.symlink(d / "garbage-run", d / "run-link")
+    (d / "outside.html").write_text("not yours")
+    os.symlink(d / "outside.html", d / "garbage-run" / "report.html")
+    os.symlink(d / "nowhere", d / "dangling")
+    # manifests export.py never writes, each beside a copy of the evil TorchScript file
+    sha = hashlib.sha256((d / "evil.torchscript.pt").read_bytes()).hexdigest()
+    vouch = lambda name: {"files": {name: {"sha256": sha}}}  # noqa: E731
+    for name, text in (("garbage", '{"files": {'), ("list", "[1, 2]"),
+                       ("no-sha", '{"files": {"evil.torchscript.pt": {}}}'),
+                       ("dotdot", json.dumps(vouch("../dotdot/evil.torchscript.pt"))),
+                       ("absolute", json.dumps(vouch(str(d / "absolute" / "evil.torchscript.pt")))),
+                       ("good", json.dumps(vouch("evil.torchscript.pt"))), ("huge", None), ("link", None)):
+        (d / "m" / name).mkdir(parents=True)
+        shutil.copy(d / "evil.torchscript.pt", d / "m" / name / "evil.torchscript.pt")
+        if text is not None:
+            (d / "m" / name / "manifest.json").write_text(text)
+    with open(d / "m" / "huge" / "manifest.json", "wb") as f:
+        f.truncate(artifacts.MAX_MANIFEST_BYTES + 1)  # sparse
+    os.symlink(d / "m" / "good" / "manifest.json", d / "m" / "link" / "manifest.json")  # vouches for these bytes
+    # files whose bytes are another format than their names say
+    pt2 = torch._C.PyTorchFileWriter(str(d / "archive.pt2"))  # a PT2 archive (no program) as torch's
+    for name, value in (("archive_format", b"pt2"), ("archive_version", b"0"), ("extra/metadata.json", b"{}")):
+        pt2.write_record(name, value, len(value))  # PT2ArchiveWriter writes one (without importing torch.export)
+    pt2.write_end_of_file()
+    (d / "kinds").mkdir()
+    for src, name in (("evil.torchscript.pt", "evil.onnx"), ("archive.pt2", "archive.onnx"), ("out5.onnx", "onnx.pt2"),
+                      ("evil.torchscript.pt", "evil.pt2"), ("archive.pt2", "archive.torchscript.pt"),
+                      ("archive.pt2", "archive.aoti.pt2"), ("evil.torchscript.pt", "evil.aoti.pt2"),
+                      ("evil.torchscript.pt", "evil.int8.onnx")):
+        shutil.copy(d / src, d / "kinds" / name)
+    # outputs that would replace the command's own input: a checkpoint named as export's or evaluate's output
+    (d / "clash").mkdir()
+    for name in ("bn_fc.onnx", "report.json"):
+        shutil.copy(trained / "best.pt", d / "clash" / name)
+    # a data folder whose training images include a test image: never an int8 calibration set
+    (d / "leaky").mkdir()
+    for stem in ("train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        os.symlink(os.path.join(mnist_dir, stem + ".gz"), d / "leaky" / (stem + ".gz"))
+    import data
+    train = np.zeros((60000, 28, 28), np.uint8)  # blank, but for image 700: the first test image
+    train[700] = data.load("test", mnist_dir)[0][0].numpy()
+    head = (2051).to_bytes(4, "big") + (60000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (d / "leaky" / "train-images-idx3-ubyte").write_bytes(head + train.tobytes())
     (d / "a-folder.json").mkdir()
     (d / "held").mkdir()
     (d / "cuda-run").mkdir()
@@ -174,8 +220,59 @@ CASES = [  # (id, script, args, expected exit code, what stderr must say)
     ("args: --json unwritable", "bench.py", ["--json", "/proc/no/where.json"], 1, "missing or read-only"),
     ("args: --out unwritable", "evaluate.py", ["--checkpoint", "{t}/best.pt", "--out", "/proc/x"], 1,
      "cannot write to --out folder"),
-    ("run folder: garbage metrics.csv and summary.json", "evaluate.py",
-     ["--checkpoint", "{h}/garbage-run/best.pt"], 0, "warning:"),
+    ("run folder: garbage metrics.csv and summary.json; --out a symlink, report.html a symlink out", "evaluate.py",
+     ["--checkpoint", "{h}/run-link/best.pt"], 0, "warning:"),
+    ("args: --out a dangling symlink", "evaluate.py", ["--checkpoint", "{t}/best.pt", "--out", "{h}/dangling"], 1,
+     "cannot write to --out folder"),
+    ("out: export would replace its own checkpoint", "export.py",
+     ["--checkpoint", "{h}/clash/bn_fc.onnx", "--out", "{h}/clash"], 1, "would replace the input"),
+    ("out: evaluate would replace its own checkpoint", "evaluate.py",
+     ["--checkpoint", "{h}/clash/report.json", "--out", "{h}/clash"], 1, "would replace the input"),
+    ("manifest: not JSON", "evaluate.py", ["--artifact", "{h}/m/garbage/evil.torchscript.pt"], 1,
+     "is not a manifest export.py writes: not a JSON object"),
+    ("manifest: a JSON list", "compare.py", ["{h}/m/list/evil.torchscript.pt", "{t}/best.pt"], 1,
+     "is not a manifest export.py writes: not a JSON object"),
+    ("manifest: an entry without sha256", "evaluate.py", ["--artifact", "{h}/m/no-sha/evil.torchscript.pt"], 1,
+     "has no sha256"),
+    ("manifest: larger than any export.py writes", "evaluate.py", ["--artifact", "{h}/m/huge/evil.torchscript.pt"], 1,
+     "larger than 1,048,576 bytes"),
+    ("manifest: a symlink (to one that vouches for the file)", "evaluate.py",
+     ["--artifact", "{h}/m/link/evil.torchscript.pt"], 1, "it is a symbolic link"),
+    ("manifest: lists ../ (with the file's sha256)", "evaluate.py", ["--artifact", "{h}/m/dotdot/evil.torchscript.pt"],
+     1, "not a file name in its own folder"),
+    ("manifest: lists an absolute path (with the file's sha256)", "evaluate.py",
+     ["--artifact", "{h}/m/absolute/evil.torchscript.pt"], 1, "not a file name in its own folder"),
+    ("manifest: export.py into a folder with a garbage one", "export.py",
+     ["--checkpoint", "{t}/best.pt", "--out", "{h}/m/garbage"], 1, "delete it and export again"),
+    ("kind: TorchScript named .onnx", "evaluate.py", ["--artifact", "{h}/kinds/evil.onnx"], 1,
+     "(an ONNX file): it is a TorchScript file"),
+    ("kind: TorchScript named .int8.onnx", "compare.py", ["{h}/kinds/evil.int8.onnx", "{t}/best.pt"], 1,
+     "(an int8 ONNX file): it is a TorchScript file"),
+    ("kind: .pt2 archive named .onnx", "evaluate.py", ["--artifact", "{h}/kinds/archive.onnx"], 1,
+     "(an ONNX file): it is a torch.export .pt2 file"),
+    ("kind: ONNX named .pt2 (trusted)", "evaluate.py", ["--artifact", "{h}/kinds/onnx.pt2", "--trust-code"], 1,
+     "(a torch.export .pt2 file): it is not a zip archive"),
+    ("kind: TorchScript named .pt2 (trusted)", "evaluate.py", ["--artifact", "{h}/kinds/evil.pt2", "--trust-code"], 1,
+     "(a torch.export .pt2 file): it is a TorchScript file"),
+    ("kind: .pt2 archive named .torchscript.pt (trusted)", "compare.py",
+     ["{h}/kinds/archive.torchscript.pt", "{t}/best.pt", "--trust-code"], 1,
+     "(a TorchScript file): it is a torch.export"),
+    ("kind: .pt2 archive named .aoti.pt2 (trusted)", "evaluate.py",
+     ["--artifact", "{h}/kinds/archive.aoti.pt2", "--trust-code"], 1, "(an AOTInductor package): it is a torch.export"),
+    ("kind: TorchScript named .aoti.pt2 (trusted)", "evaluate.py",
+     ["--artifact", "{h}/kinds/evil.aoti.pt2", "--trust-code"], 1, "(an AOTInductor package): it is a TorchScript"),
+    ("compare: a file and itself", "compare.py", ["{t}/best.pt", "{t}/best.pt"], 1, "A and B are the same file"),
+    ("compare: a file and a copy of it", "compare.py", ["{t}/best.pt", "{h}/garbage-run/best.pt"], 1,
+     "hold the same bytes"),
+    ("compare: an export that breaks the contract", "compare.py", ["{h}/out5.onnx", "{t}/best.pt"], 1,
+     "[N, 10] output"),
+    ("compare: a trusted export whose output breaks the contract", "compare.py",
+     ["{h}/tuple.torchscript.pt", "{t}/best.pt", "--trust-code"], 1, "breaks the output contract"),
+    ("compare: code without the manifest or --trust-code", "compare.py", ["{h}/evil.torchscript.pt", "{t}/best.pt"], 1,
+     "is not listed in the manifest.json"),
+    ("int8: a calibration set that would include test images", "export.py",
+     ["--checkpoint", "{t}/best.pt", "--format", "onnx-int8", "--data-dir", "{h}/leaky", "--out", "x"], 1,
+     "the int8 calibration set would include test images: 1 of the first 1,024"),
     ("run: folder another train.py is writing", "train.py", ["--out", "{h}/held", "--device", "cpu"], 1,
      "is in use by another train.py process"),
     ("resume: run from another device", "train.py", ["--resume", "{h}/cuda-run", "--device", "cpu"], 1,
@@ -222,10 +319,26 @@ def test_failed_run_leaves_no_folder_and_latest_unmoved(results):
 
 
 def test_garbage_run_folder_still_gets_a_strict_report(hostile, results):
-    assert results["run folder: garbage metrics.csv and summary.json"]["code"] == 0
+    """Also the rule for output folders: --out may be an input's folder (the run folder is evaluate's
+    default) and a symlink to a folder (written where it points); a symlink at an output's name is
+    replaced by the new file, never written through."""
+    assert results["run folder: garbage metrics.csv and summary.json; --out a symlink, report.html a symlink out"][
+        "code"] == 0
     strict = lambda c: (_ for _ in ()).throw(ValueError(c))  # noqa: E731  NaN / Infinity are not JSON
     report = json.loads((hostile / "garbage-run" / "report.json").read_text(), parse_constant=strict)
     assert report["model"] == "bn_fc" and not (hostile / "garbage-run" / "curves.png").exists()
+    assert (hostile / "run-link").is_symlink() and not (hostile / "garbage-run" / "report.html").is_symlink()
+    assert (hostile / "outside.html").read_text() == "not yours"
+    assert "<html>" in (hostile / "garbage-run" / "report.html").read_text()
+
+
+def test_refusals_left_their_folders_alone(hostile, results):
+    """An output that would replace an input, a garbage manifest where export.py would write: nothing
+    written, the input and the manifest as they were."""
+    assert sorted(os.listdir(hostile / "clash")) == ["bn_fc.onnx", "report.json"]
+    assert sorted(os.listdir(hostile / "m" / "garbage")) == ["evil.torchscript.pt", "manifest.json"]
+    assert (hostile / "m" / "garbage" / "manifest.json").read_text() == '{"files": {'
+    assert common.load_checkpoint(str(hostile / "clash" / "bn_fc.onnx"))["model_name"] == "bn_fc"
 
 
 def test_trusted_code_runs_only_with_trust_code(hostile, tmp_path, monkeypatch):
