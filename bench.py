@@ -112,10 +112,13 @@ VARIANTS = {
     "channels_last+amp+fast_dropout+compile": ({"channels_last", "amp", "fast_dropout", "compile"}, ("cpu",)),
     "cudagraphs": ({"compile", "cudagraphs"}, ("cuda",)),
     "amp+cudagraphs": ({"amp", "compile", "cudagraphs"}, ("cuda",)),
+    "whole-step": ({"whole_step"}, ("cpu", "cuda", "mps")),  # loop.WholeStep: train.py --whole-step
+    "amp+whole-step": ({"amp", "whole_step"}, ("cpu", "cuda", "mps")),
+    "amp+fast_dropout+whole-step": ({"amp", "fast_dropout", "whole_step"}, ("cpu",)),
 }
 # --quick: the variants that have won somewhere, and plain eager for reference
 QUICK = ["eager", "amp", "amp+fast_dropout", "channels_last+amp+fast_dropout", "amp+fast_dropout+compile",
-         "cudagraphs"]
+         "cudagraphs", "amp+fast_dropout+whole-step", "whole-step"]
 
 
 def bench_train(name, device, images, labels, opts):
@@ -130,6 +133,8 @@ def bench_train(name, device, images, labels, opts):
 
     def measure(backend, variant, make_loader):
         on = VARIANTS[variant][0]
+        if "whole_step" in on:
+            return measure_whole_step(variant, on)
         model, net = models.build(recipe, device, "channels_last" in on, "fast_dropout" in on, "compile" in on,
                                   cudagraphs="cudagraphs" in on)
         opt = models.build_optimizer(recipe, model)
@@ -151,6 +156,22 @@ def bench_train(name, device, images, labels, opts):
         if "cudagraphs" in on and counters["inductor"]["cudagraph_skips"] > graph_skips:
             records[-1]["note"] = "inductor skipped CUDA graphs (see its warning): this is torch.compile alone"
             skipped.append(f"train {name} {device.type} {backend}/{variant}: {records[-1]['note']}")
+
+    def measure_whole_step(variant, on):
+        model = models.build(recipe, device, fast_dropout="fast_dropout" in on)[0]
+        ws = loop.WholeStep(model, recipe, dev_x, dev_y, bs, 1000, amp="amp" in on)  # long schedule
+        rates, compile_s = [], None
+        for r in range(opts.repeats + 1):  # the first pass compiles: its time is reported as compile_s
+            done = []
+            seconds = timer(lambda: done.append(ws.epoch(gen, 1, steps, progress=False)))
+            if r:
+                rates.append(done[0][2] / seconds)
+            else:
+                compile_s = seconds
+        records.append(dict(task="train", model=name, device=device.type, backend="fast-pipeline", variant=variant,
+                            batch_size=bs, threads=torch.get_num_threads() if device.type == "cpu" else None,
+                            steps=min(steps, ws.steps), metric="images_per_s", value=round(statistics.median(rates), 1),
+                            unit="images/s", spread=spread(rates), first_pass_s=round(compile_s, 1)))
 
     gen = data.generator(0, device)
     dev_x, dev_y = images.to(device), labels.to(device)

@@ -75,6 +75,9 @@ def parser():
                    "probability rounded to 1/65536, a different random stream than nn.Dropout)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model, with CUDA graphs on CUDA (off by "
                    "default; see BENCHMARKS.md for when it pays)")
+    p.add_argument("--whole-step", action="store_true", help="torch.compile the whole training step (batch, "
+                   "augmentation, forward, backward, update, schedule, figures: loop.WholeStep), with CUDA graphs "
+                   "on CUDA; drops each epoch's short last batch (off by default; see BENCHMARKS.md)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue a run from its last.pt (default RUN_DIR: runs/<model>/latest) with the settings "
                    "it started with; only --device (the run's own), --data-dir and --no-progress may be given")
@@ -100,6 +103,11 @@ def check_args(args):
     if not 0 <= args.seed <= 2 ** 63 - 1:
         raise UserError(f"--seed must be between 0 and 2**63-1, got {args.seed}")
     check_positive(args, "lr")
+    if getattr(args, "whole_step", False):  # runs from before the flag have none
+        clash = [f for f, on in (("--compile", args.compile), ("--channels-last", args.channels_last),
+                                 ("--pipeline torchvision", args.pipeline == "torchvision")) if on]
+        if clash:
+            raise UserError(f"--whole-step compiles the whole step itself; drop {', '.join(clash)}")
 
 
 def resume_args(args, ckpt, out):
@@ -231,6 +239,7 @@ class Run:
     model: torch.nn.Module
     trainer: loop.Trainer
     steps: int
+    whole_step: loop.WholeStep = None  # with --whole-step: the compiled step, which trains instead of trainer
 
 
 def train(args, out):
@@ -273,6 +282,10 @@ def start(args, out):
     gen = loop.seed_everything(args.seed, device)
     train_set, val_set, test_set = load_sets(args, device)
     model, net = models.build(recipe, device, args.channels_last, args.fast_dropout, args.compile)
+    if getattr(args, "whole_step", False):
+        ws = loop.WholeStep(model, recipe, *train_set, args.batch_size, args.epochs, args.lr, args.amp)
+        trainer = loop.Trainer(model, ws.optimizer, amp=args.amp)  # the schedule is ws's table
+        return Run(args, recipe, out, device, gen, train_set, val_set, test_set, model, trainer, ws.steps, ws)
     optimizer = models.build_optimizer(recipe, model, args.lr)
     steps = math.ceil(len(train_set[1]) / args.batch_size)
     scheduler, every = models.build_schedule(recipe, optimizer, args.epochs, steps, args.lr)
@@ -301,6 +314,8 @@ def resumed(r, ckpt):
     if ckpt is None:
         return [], -1.0, 0, 1
     restore(ckpt, r.model, r.trainer.optimizer, r.trainer.scheduler, r.device, r.gen, r.out)
+    if r.whole_step is not None:
+        r.whole_step.own_lr()  # the loaded groups' lr back to its device tensors
     first = ckpt["epoch"] + 1
     if first > r.args.epochs:
         raise UserError(f"{r.out} already finished its {r.args.epochs} epochs; nothing to resume")
@@ -314,7 +329,8 @@ def describe(r):
     info = dict(model=args.model, params=models.n_params(r.model), device=str(r.device),
                 device_name=device_name(r.device), batch_size=args.batch_size, epochs=args.epochs, seed=args.seed,
                 pipeline=args.pipeline, channels_last=args.channels_last, amp=args.amp,
-                fast_dropout=args.fast_dropout, compile=args.compile, train_images=len(r.train_set[1]),
+                fast_dropout=args.fast_dropout, compile=args.compile,
+                whole_step=getattr(args, "whole_step", False), train_images=len(r.train_set[1]),
                 val_images=args.val, out=r.out)
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     info.update(documented=r.recipe["documented"], reconstructed=r.recipe["reconstructed"], lr=args.lr,
@@ -327,10 +343,15 @@ def describe(r):
 def train_and_score(r, epoch):
     """Train epoch `epoch`, then score the model on the validation images (with --val) and the test set;
     prints the epoch's line. Returns (its metrics.csv row, the count of test images right)."""
-    lr = r.trainer.optimizer.param_groups[0]["lr"]
-    loader = make_loader(r.args, r.recipe, *r.train_set, r.gen, epoch)
     t0 = time.time()
-    train_loss, train_acc, seen = loop.train_epoch(r.trainer, loader, r.steps, epoch, progress=not r.args.no_progress)
+    if r.whole_step is not None:
+        lr = r.whole_step.lr(epoch)
+        train_loss, train_acc, seen = r.whole_step.epoch(r.gen, epoch, progress=not r.args.no_progress)
+    else:
+        lr = r.trainer.optimizer.param_groups[0]["lr"]
+        loader = make_loader(r.args, r.recipe, *r.train_set, r.gen, epoch)
+        train_loss, train_acc, seen = loop.train_epoch(r.trainer, loader, r.steps, epoch,
+                                                       progress=not r.args.no_progress)
     if r.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - t0
