@@ -109,6 +109,7 @@ def test_seed_pipeline_reshuffles_every_epoch(mnist_dir):
     assert torch.equal(y1, y1b) and torch.equal(x1, x1b)
 
 
+@pytest.mark.slow  # an Inductor C++ compile of bn_fc's forward and backward: ~30 s of CPU
 def test_compile_trains_the_models_own_weights(mnist_dir):
     """--compile trains the module's own parameters and BatchNorm buffers (the compiled wrapper shares
     them, so checkpoints stay plain), and one compiled step does what one eager step does. One step:
