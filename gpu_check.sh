@@ -56,36 +56,44 @@ if torch.cuda.is_available():
 # CI, so on a GPU only the CUDA ones; 24 s on an H100); deterministic-algorithm warnings kept in the log
 step tests-devices 60 $PY -m pytest -p no:cacheprovider -q -rw tests/test_devices.py $([ -z "$SMALL" ] && echo "-k cuda")
 
-# the "< 1 s per gap10k epoch" target: the full run with --compile (CUDA graphs); on an H100 44 s of
-# compilation in epoch 1, then 1.2 s an epoch, 67 s in all (2026-11-26)
-step train-gap10k-compile 100 $PY train.py --model gap10k --device $DEV --no-progress --out "$OUT/gap10k-compile" \
-  --compile $([ -n "$SMALL" ] && echo "--epochs 1 --subset 2048")
+# issue 22: gap10k's seconds per epoch three ways, side by side (4 epochs each: epoch 1 holds any
+# compilation, epochs 2-4 the steady rate; metrics.csv keeps each epoch's seconds): eager, --compile
+# (the model's forward/backward as CUDA graphs), --whole-step (loop.WholeStep: the whole step compiled)
+E4=$([ -n "$SMALL" ] && echo "--epochs 2 --subset 2048" || echo "--epochs 4")
+step gap10k-eager 40 $PY train.py --model gap10k --device $DEV --no-progress --out "$OUT/gap10k-eager" $E4
+step gap10k-compile 90 $PY train.py --model gap10k --device $DEV --no-progress --out "$OUT/gap10k-compile" --compile $E4
+step gap10k-whole-step 90 $PY train.py --model gap10k --device $DEV --no-progress --out "$OUT/gap10k-whole-step" \
+  --whole-step $E4
+for f in eager compile whole-step; do
+  [ -f "$OUT/gap10k-$f/metrics.csv" ] && cp "$OUT/gap10k-$f/metrics.csv" "$OUT/gap10k-$f.csv"
+done
 
-# one seed of every recipe, eager: the "five recipes in under 3 minutes" target (about 4-5 minutes
-# on an H100 as of 2026-11-26, so the box cuts it: reproduce.py resumes where a rerun finds it)
+# every recipe, one seed, with --whole-step: the "five recipes in under 90 s, compilation included"
+# target (each recipe compiles once; a rerun resumes what the box cut short)
 if [ -n "$SMALL" ]; then
-  step train-gap10k 60 $PY train.py --model gap10k --device $DEV --no-progress --out "$OUT/gap10k" --epochs 1 --subset 2048
-  CKPT="$OUT/gap10k/best.pt"
+  step reproduce-whole-step 240 $PY reproduce.py --seeds 1 --device cpu --models conv4_fc --set whole-step=on subset=2048
+  CKPT="$OUT/gap10k-eager/best.pt"
 else
-  step reproduce 220 $PY reproduce.py --seeds 1 --device cuda
+  step reproduce-whole-step 200 $PY reproduce.py --seeds 1 --device cuda --set whole-step=on
   cp REPRODUCTION.md "$OUT/REPRODUCTION.md" 2>/dev/null
-  CKPT=runs/reproduce/gap10k-seed1/best.pt
-  [ -f "$CKPT" ] || CKPT="$OUT/gap10k-compile/best.pt"
+  for d in runs/reproduce/*-seed1*; do [ -f "$d/metrics.csv" ] && cp "$d/metrics.csv" "$OUT/$(basename "$d").csv"; done
+  CKPT=$(ls runs/reproduce/gap10k-seed1*/best.pt 2>/dev/null | head -1)
+  [ -f "$CKPT" ] || CKPT="$OUT/gap10k-whole-step/best.pt"
 fi
 # --format all from the CUDA-trained checkpoint: ONNX, TorchScript, .pt2 and an AOTInductor package
 # compiled for the device (over 80 s alone on an H100), each verified on the 10,000 test images
 step export 150 $PY export.py --checkpoint "$CKPT" --format all --out "$OUT/exports"
 
-# bench: inference for all five (about 20 s a model on an H100), then training variants for gap10k;
-# bench.py keeps its JSON current after each model and task, so a step cut short keeps its figures
+# bench: training variants for gap10k, the whole-step ones beside today's best (then inference if
+# time is left); bench.py keeps its JSON current after each model and task
 if [ -n "$SMALL" ]; then
-  step bench 80 $PY bench.py --device cpu --model gap10k --steps 3 --repeats 1 --calls 5 --variant eager amp \
-    --backend eager onnxruntime pt2 --json "$OUT/bench.json"
+  step bench 120 $PY bench.py --device cpu --model gap10k --task train --steps 3 --repeats 1 \
+    --variant eager whole-step --json "$OUT/bench.json"
 else
-  step bench-infer 110 $PY bench.py --device cuda --task infer --model bn_fc gap10k bn_gap conv4_fc bn_drop \
-    --backend eager torchscript compile onnxruntime pt2 --json "$OUT/bench-infer.json"
-  step bench-train 120 $PY bench.py --device cuda --task train --model gap10k --repeats 2 --steps 200 --workers 6 \
-    --json "$OUT/bench-train.json"
+  step bench-train 110 $PY bench.py --device cuda --task train --model gap10k --repeats 2 --steps 200 --workers 6 \
+    --variant eager cudagraphs amp+cudagraphs whole-step amp+whole-step --json "$OUT/bench-train.json"
+  step bench-infer 80 $PY bench.py --device cuda --task infer --model gap10k bn_fc \
+    --backend eager compile onnxruntime pt2 --json "$OUT/bench-infer.json"
 fi
 pack
 echo "results in $OUT/${ARCHIVE:+ and $ARCHIVE}"
