@@ -296,6 +296,7 @@ def make_server(host, port, classify, info, request_seconds=REQUEST_SECONDS, max
     class Server(ThreadingHTTPServer):
         """At most max_clients handler threads; a connection beyond them gets 503 at once."""
         slots = threading.BoundedSemaphore(max_clients)
+        request_queue_size = 128   # the listen backlog (socketserver's 5 left a burst of clients unanswered for seconds)
 
         def process_request(self, request, client_address):
             if self.slots.acquire(blocking=False):

@@ -29,10 +29,11 @@ def served(forked, tmp_path_factory):
     child = forked.start("predict.py", "--serve", "--port", "0", "--checkpoint", os.path.join(ROOT, "pretrained", "bn_gap.pt"),
                          "--device", "cpu", "--request-timeout", TIMEOUT, cwd=tmp_path_factory.mktemp("serve"))
     end = time.monotonic() + 120
-    while "http://" not in open(child.out).read():
+    printed = lambda: open(child.out).read() if os.path.exists(child.out) else ""  # noqa: E731  the child makes it
+    while "http://" not in printed():
         assert child.alive() and time.monotonic() < end, child.wait(1).stderr
         time.sleep(0.05)
-    url = open(child.out).read().split("http://", 1)[1].split("/", 1)[0]
+    url = printed().split("http://", 1)[1].split("/", 1)[0]
     assert url.startswith("127.0.0.1:")   # the default binds this machine only
     yield int(url.split(":")[1]), child
     if child.alive():
@@ -230,7 +231,9 @@ def test_many_connections_and_slow_clients(served):
     trickler = socket.create_connection(("127.0.0.1", port), timeout=10)
     trickler.send(b"G")
     idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(predict.MAX_CLIENTS - 1)]
-    time.sleep(0.2)
+    end = time.monotonic() + TIMEOUT / 2
+    while thread_count(child.pid) < base + predict.MAX_CLIENTS and time.monotonic() < end:   # all accepted
+        time.sleep(0.02)
     status, _, body = exchange(port, b"GET / HTTP/1.0\r\n\r\n")
     assert status == 503 and "busy" in json.loads(body)["error"]
     more = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
