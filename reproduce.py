@@ -736,7 +736,8 @@ def executor_options(args, device):
             raise common.UserError("--parallel and --job-timeout are for --executor local or slurm; inline trains "
                                    "one run after another in this process")
         return {}
-    common.check_at_least(args, 1, "parallel", "slurm_gpus", "slurm_cpus")
+    common.check_at_least(args, 1, "parallel", "slurm_cpus")
+    common.check_at_least(args, 0, "slurm_gpus")
     if args.executor == "slurm":
         if args.job_timeout is not None:
             raise common.UserError("--job-timeout is for --executor local; a Slurm job's limit is --slurm-time")

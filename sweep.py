@@ -6,6 +6,7 @@ the others; Ctrl-C cancels the jobs this process started.
 """
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -134,10 +135,15 @@ def stderr_into(path):
         os.close(saved)
 
 
-def job_path():
-    """PYTHONPATH for the jobs: they unpickle sweep.job, which needs this folder importable."""
+def prepare(log_dir):
+    """PYTHONPATH for the jobs (they unpickle sweep.job, which needs this folder importable), and
+    submitit's own messages in this process (sacct retries, say) into log_dir/submitit.log instead of
+    between the progress bar and the report."""
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = ROOT + (os.pathsep + old if old else "")
+    handler = logging.FileHandler(os.path.join(log_dir, "submitit.log"))
+    handler.setFormatter(logging.Formatter("%(name)s %(levelname)s (%(asctime)s) - %(message)s"))
+    logging.getLogger("submitit").handlers = [handler]
 
 
 def failure(task, timeout_s):
@@ -163,10 +169,10 @@ def failure(task, timeout_s):
     return None if why is None else f"{task.label}: {why} (log: {log})"
 
 
-def bar(total):
+def bar(total, out=None):
     """One progress bar over the jobs on a terminal; elsewhere (CI, logs) one line per finished job."""
-    return tqdm(total=total, unit="run", desc="runs", file=sys.stderr, disable=not sys.stderr.isatty(),
-                dynamic_ncols=True)
+    out = out or sys.stderr
+    return tqdm(total=total, unit="run", desc="runs", file=out, disable=not out.isatty(), dynamic_ncols=True)
 
 
 def progress(b, tasks, task, running, state="running"):
@@ -194,7 +200,7 @@ def wait_cancelled(tasks, seconds=15):
 def run_local(tasks, log_dir, parallel, gpus, threads, timeout_s):
     """Every task as a job of submitit's LocalExecutor, at most `parallel` at once; each gets a GPU of
     its own from `gpus` (CUDA_VISIBLE_DEVICES), or `threads` CPU threads where there are none."""
-    job_path()
+    prepare(log_dir)
     ex = submitit.LocalExecutor(folder=log_dir)
     ex.update_parameters(timeout_min=(timeout_s or NO_LIMIT_S) / 60, signal_delay_s=0, stderr_to_stdout=True)
     slots = list(gpus[:parallel]) if gpus else [None] * parallel
@@ -225,13 +231,14 @@ def run_local(tasks, log_dir, parallel, gpus, threads, timeout_s):
 
 def run_slurm(tasks, log_dir, parallel, partition, time_s, gpus, cpus):
     """Every task as one task of a Slurm job array (sbatch), at most `parallel` running at once."""
-    job_path()
+    prepare(log_dir)
     ex = submitit.SlurmExecutor(folder=log_dir)
     ex.update_parameters(time=max(1, -(-time_s // 60)), gpus_per_node=gpus, cpus_per_task=cpus, ntasks_per_node=1,
                          stderr_to_stdout=True, job_name="reproduce", array_parallelism=parallel or 256,
                          **({"partition": partition} if partition else {}))
+    log = os.path.join(log_dir, "slurm.log")  # what sbatch, sacct and scancel print
     try:
-        with ex.batch():
+        with stderr_into(log), ex.batch():  # a refusal's own words are in the error
             for t in tasks:
                 t.job = ex.submit(job, t.argv, cpus)
     except Exception as e:  # sbatch refused (partition, account, limits): nothing was submitted
@@ -239,15 +246,17 @@ def run_slurm(tasks, log_dir, parallel, partition, time_s, gpus, cpus):
     for t in tasks:
         t.started = time.time()
     waiting = list(tasks)
-    with bar(len(tasks)) as b:
+    with open(os.dup(2), "w") as terminal, bar(len(tasks), terminal) as b:
         try:
-            while waiting:
-                for t in [t for t in waiting if t.job.done()]:
-                    waiting.remove(t)
-                    t.failure = failure(t, None)
-                    progress(b, tasks, t, len(waiting), "queued or running")
-                time.sleep(2)
+            with stderr_into(log):
+                while waiting:
+                    for t in [t for t in waiting if t.job.done()]:
+                        waiting.remove(t)
+                        t.failure = failure(t, None)
+                        progress(b, tasks, t, len(waiting), "queued or running")
+                    time.sleep(2)
         except KeyboardInterrupt:
             b.close()
-            wait_cancelled(waiting, seconds=0)  # scancel; Slurm ends them
+            with stderr_into(log):
+                wait_cancelled(waiting, seconds=0)  # scancel; Slurm ends them
             raise

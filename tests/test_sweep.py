@@ -59,18 +59,39 @@ def no_tmp_files(tmp_path):
     (["--executor", "slurm", "--slurm-time", "2h"], "--slurm-time must be in Slurm's time format"),
     (["--executor", "local", "--parallel", "0"], "--parallel must be at least 1, got 0"),
     (["--executor", "local", "--parallel", "-2"], "--parallel must be at least 1, got -2"),
+    (["--executor", "slurm", "--slurm-gpus", "-1"], "--slurm-gpus must be at least 0, got -1"),
     (["--executor", "local", "--job-timeout", "0"], "--job-timeout must be longer than 0"),
     (["--parallel", "2"], "--parallel and --job-timeout are for --executor local or slurm"),
     (["--executor", "local", "--slurm-partition", "gpu"], "--slurm-partition is for --executor slurm"),
     (["--set", "seed=1,2"], "--set seed: not a train.py flag a sweep can vary"),
     (["--set", "batch-size=64,big"], "--set batch-size: 'big' is not an integer"),
     (["--lr", "0.1", "-1"], "--lr must be a positive number, got -1.0"),
-], ids=["slurm without sbatch", "bad slurm time", "parallel 0", "parallel negative", "timeout 0",
+], ids=["slurm without sbatch", "bad slurm time", "parallel 0", "parallel negative", "slurm gpus negative", "timeout 0",
         "parallel inline", "slurm option for local", "reserved flag", "bad value", "bad lr"])
 def test_sweep_options_refused_in_one_line_before_anything_starts(tmp_path, forked, args, says):
-    r = forked.run("reproduce.py", "--models", "bn_fc", *args, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    (tmp_path / "bin").mkdir()  # a PATH without sbatch, on a machine with Slurm too
+    r = forked.run("reproduce.py", "--models", "bn_fc", *args, cwd=tmp_path, env={"PATH": str(tmp_path / "bin")})
     assert r.returncode == 1 and says in one_error(r)
-    assert os.listdir(tmp_path) == []  # no runs/, no lock, no job
+    assert os.listdir(tmp_path) == ["bin"]  # no runs/, no lock, no job
+
+
+def test_slurm_time_formats_and_the_gpus_a_local_sweep_hands_out(monkeypatch):
+    import torch
+
+    import common
+    import sweep
+    for text, seconds in (("5", 300), ("0:05", 5), ("1:30:00", 5400), ("2-0", 172800), ("1-2:03", 93780),
+                          ("1-0:0:9", 86409)):
+        assert sweep.parse_time(text, "--slurm-time") == seconds, text
+    for bad in ("1h", "", "1:2:3:4", "-5", "0:00"):
+        with pytest.raises(common.UserError):
+            sweep.parse_time(bad, "--slurm-time")
+    assert sweep.local_gpus(torch.device("cpu")) == []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")  # yours are the ones handed out, one per job
+    assert sweep.local_gpus(torch.device("cuda")) == [2, 5]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c,GPU-11aa")
+    with pytest.raises(common.UserError, match="by its index"):
+        sweep.local_gpus(torch.device("cuda"))
 
 
 def test_two_jobs_in_parallel_one_fails_and_a_rerun_skips_the_finished(tmp_path, forked):
