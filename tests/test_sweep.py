@@ -185,3 +185,4 @@ def test_a_hung_job_is_stopped_by_its_timeout_and_a_killed_one_is_reported(tmp_p
     assert sum("timed out after 5 s (--job-timeout) and was stopped" in line for line in failed) == 1
     assert sum("ended without a result: killed" in line for line in failed) == 1
     assert not any(alive(pid) for pid in tasks)
+    no_tmp_files(tmp_path)
