@@ -1,6 +1,7 @@
 """reproduce.py --executor local: sweeps as jobs of submitit's real LocalExecutor (no mock), each job a
 fresh Python process that imports torch (seconds of CPU), so the tests start as few as they can: bn_fc
-on 256 images, one torch thread per job. Option errors fork the `forked` server and start no job."""
+on 256 images, one torch thread per job. Option errors fork the `forked` server and start no job; the
+sweeps fork a server of this module's own (`sweeps`)."""
 import glob
 import json
 import os
@@ -9,8 +10,28 @@ import time
 
 import pytest
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 BASE = ["--models", "bn_fc", "--val", "0", "--device", "cpu", "--set", "subset=256"]
 TINY = ["--executor", "local", *BASE]
+
+
+@pytest.fixture(scope="module")
+def sweeps(mnist_dir, tmp_path_factory):
+    """reproduce.py's command lines forked from a server of this module's own (forked_cli.ForkServer,
+    importing only what reproduce.py needs). The sweeps take the longest here, waiting on their jobs,
+    and a module fixture keeps them in an xdist group of their own (conftest.py) instead of on the
+    worker of the shared `forked` server, with most of the other command-line tests."""
+    import forked_cli
+    env = dict(os.environ, MNIST_DIR=mnist_dir, OMP_NUM_THREADS="1")
+    shared = forked_cli.MODULES
+    forked_cli.MODULES = ["torch", "numpy", "common", "data", "models", "loop", "train", "sweep", "reproduce"]
+    try:
+        server = forked_cli.ForkServer(ROOT, env, tmp_path_factory.mktemp("sweep-io"))
+    finally:
+        forked_cli.MODULES = shared
+    yield server
+    server.close()
 
 
 def lines(text):
@@ -94,12 +115,12 @@ def test_slurm_time_formats_and_the_gpus_a_local_sweep_hands_out(monkeypatch):
         sweep.local_gpus(torch.device("cuda"))
 
 
-def test_two_jobs_in_parallel_one_fails_and_a_rerun_skips_the_finished(tmp_path, forked):
+def test_two_jobs_in_parallel_one_fails_and_a_rerun_skips_the_finished(tmp_path, sweeps):
     """Two runs at once (--lr 0.1 and 1e30); the second diverges: it is reported in one line (recipe, seed,
     its own error line, its log) and the first still finishes. The same command again trains only
     the failed one."""
     cmd = [*TINY, "epochs=1", "--parallel", "2", "--lr", "0.1", "1e30"]
-    r = forked.run("reproduce.py", *cmd, cwd=tmp_path)
+    r = sweeps.run("reproduce.py", *cmd, cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     assert one_error(r).startswith("error: 1 of 2 runs failed")
     failed = [line for line in lines(r.stderr) if line.startswith("failed:")]
@@ -119,23 +140,23 @@ def test_two_jobs_in_parallel_one_fails_and_a_rerun_skips_the_finished(tmp_path,
     assert len(started) == 2 and max(started) < min(ended)
     assert "bn_fc seed 1 epochs=1 lr=0.1 subset=256: finished" in r.stdout
     before = (good / "summary.json").stat().st_mtime_ns
-    again = forked.run("reproduce.py", *cmd, cwd=tmp_path)
+    again = sweeps.run("reproduce.py", *cmd, cwd=tmp_path)
     assert again.returncode == 1 and "2 runs: 1 finished already (skipped), 1 to train" in again.stdout
     assert len(job_logs(tmp_path)) == 3 and (good / "summary.json").stat().st_mtime_ns == before
     assert one_error(again).startswith("error: 1 of 1 runs failed")
     no_tmp_files(tmp_path)
 
 
-def test_ctrl_c_cancels_the_job_a_second_sweep_is_refused_and_the_same_command_resumes(tmp_path, forked):
+def test_ctrl_c_cancels_the_job_a_second_sweep_is_refused_and_the_same_command_resumes(tmp_path, sweeps):
     """While a sweep runs, a second one on the same runs/reproduce/ is refused before it starts a job.
     Ctrl-C (SIGINT to reproduce.py alone: the job does not get the terminal's) cancels the job after
     its epoch 1. The job's folder is a plain train.py run folder: the same command, inline (no job:
     a fork of the server, which has torch imported), resumes it at epoch 2 and finishes."""
     cmd = [*TINY, "epochs=2", "--parallel", "1"]
     run = folder(tmp_path, "bn_fc-epochs2-subset256-seed1")
-    sweep = forked.start("reproduce.py", *cmd, cwd=tmp_path)
+    sweep = sweeps.start("reproduce.py", *cmd, cwd=tmp_path)
     wait_for(lambda: job_logs(tmp_path), what="the job")
-    second = forked.run("reproduce.py", *cmd, cwd=tmp_path)
+    second = sweeps.run("reproduce.py", *cmd, cwd=tmp_path)
     assert second.returncode == 1 and "is in use by another reproduce.py" in one_error(second)
     assert len(job_logs(tmp_path)) == 1  # the second started nothing
     wait_for(lambda: (run / "summary.json").exists(), what="epoch 1")
@@ -147,18 +168,18 @@ def test_ctrl_c_cancels_the_job_a_second_sweep_is_refused_and_the_same_command_r
     assert not alive(job_pid)
     assert json.loads((run / "summary.json").read_text())["epochs_done"] == 1
     no_tmp_files(tmp_path)
-    again = forked.run("reproduce.py", *BASE, "epochs=2", cwd=tmp_path)
+    again = sweeps.run("reproduce.py", *BASE, "epochs=2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert f"resuming {run} at epoch 2/2 on cpu" in again.stdout
     assert json.loads((run / "summary.json").read_text())["epochs_done"] == 2
     assert again.stdout.splitlines()[-1].startswith("bn_fc seed 1 epochs=2 subset=256: best test accuracy ")
 
 
-def test_a_hung_job_is_stopped_by_its_timeout_and_a_killed_one_is_reported(tmp_path, forked):
+def test_a_hung_job_is_stopped_by_its_timeout_and_a_killed_one_is_reported(tmp_path, sweeps):
     """Two jobs: one hangs (SIGSTOP: a process that never returns), one is killed (SIGKILL, as the OOM
     killer does), both before they import torch. --job-timeout stops the hung one; each is reported in
     one line, the sweep exits 1 with one error line, and nothing is left running."""
-    sweep = forked.start("reproduce.py", *TINY, "--seeds", "2", "--parallel", "2", "--job-timeout", "0:05",
+    sweep = sweeps.start("reproduce.py", *TINY, "--seeds", "2", "--parallel", "2", "--job-timeout", "0:05",
                          cwd=tmp_path)
     tasks = []
     try:
