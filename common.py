@@ -70,11 +70,16 @@ def check_at_least(args, minimum, *flags):
             raise UserError(f"--{flag.replace('_', '-')} must be at least {minimum}, got {v}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_positive(args, *flags):
     for flag in flags:
         v = getattr(args, flag)
         if v is not None and not (v > 0 and math.isfinite(v)):
             raise UserError(f"--{flag.replace('_', '-')} must be a positive number, got {v}")
+        if v is not None and v > FLOAT32_MAX:  # torch keeps it in float32 tensors: 1e300 would not fit
+            raise UserError(f"--{flag.replace('_', '-')} must be at most {FLOAT32_MAX:.4g} (float32's largest), got {v}")
 
 
 # ------------------------------------------------------------------------------- files

@@ -77,7 +77,7 @@ else
   step reproduce-whole-step 200 $PY reproduce.py --seeds 1 --device cuda --set whole-step=on
   cp REPRODUCTION.md "$OUT/REPRODUCTION.md" 2>/dev/null
   for d in runs/reproduce/*-seed1*; do [ -f "$d/metrics.csv" ] && cp "$d/metrics.csv" "$OUT/$(basename "$d").csv"; done
-  CKPT=$(ls runs/reproduce/gap10k-seed1*/best.pt 2>/dev/null | head -1)
+  CKPT=$(ls runs/reproduce/gap10k-*seed1/best.pt 2>/dev/null | head -1)  # a --set grid names it gap10k-whole-stepon-seed1
   [ -f "$CKPT" ] || CKPT="$OUT/gap10k-whole-step/best.pt"
 fi
 # --format all from the CUDA-trained checkpoint: ONNX, TorchScript, .pt2 and an AOTInductor package
