@@ -119,11 +119,12 @@ def test_resume_continues_the_table_where_it_stopped(uncompiled, tmp_path, mnist
 def test_compiled_whole_step_trains_as_well_as_eager(tmp_path, mnist_dir):
     """The real thing: bn_fc on 4,000 images for 3 epochs, compiled whole step against the eager loop,
     same seed. Their random streams differ (dropped last batch, inductor's own dropout and draw order),
-    so the bar is seed noise: the eager loop's own spread over seeds 1-3 at these settings was
-    measured at up to 1.7 pp of test accuracy; 3 pp is allowed."""
+    so the bar is seed noise. Measured at these settings (seeds 1-3, test accuracy after epoch 3):
+    eager 96.10, 96.39, 95.85%; whole step 96.39, 96.78, 96.20%: a spread of 0.54 pp within each,
+    0.39 pp at most between the two for one seed. 1.5 pp is allowed."""
     eager = train.run(cli(tmp_path, mnist_dir, "eager", "--epochs", "3"))
     whole = train.run(cli(tmp_path, mnist_dir, "whole", "--epochs", "3", "--whole-step"))
     assert whole["whole_step"] is True and eager["whole_step"] is False
     assert whole["final_test_acc"] > 90
-    assert abs(whole["final_test_acc"] - eager["final_test_acc"]) < 3.0, (whole["final_test_acc"],
+    assert abs(whole["final_test_acc"] - eager["final_test_acc"]) < 1.5, (whole["final_test_acc"],
                                                                            eager["final_test_acc"])
