@@ -287,5 +287,7 @@ def test_console_held_no_traceback_and_ctrl_c_stops_it(served):
     child.send_signal(signal.SIGINT)
     r = child.wait(30)
     assert r.returncode == 0 and "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr[-3000:]
-    assert "connection lost" in r.stderr and "timed out" in r.stderr
+    # the slow clients' timeouts are always there; a reset client's "connection lost" only when the
+    # reset beat the server's read (under no load the server may read and answer first): not asserted
+    assert "timed out" in r.stderr
     assert all(line.startswith("127.0.0.1 ") for line in r.stderr.splitlines()), r.stderr[-3000:]
