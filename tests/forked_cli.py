@@ -97,6 +97,15 @@ MODULES = ["torch", "numpy", "onnx", "onnxruntime", "common", "data", "digit", "
            "export", "bench", "predict", "compare"]
 
 
+def alive(pid):
+    """Process `pid` is running (not yet exited: a finished child stays a zombie until wait())."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+
+
 @dataclass
 class Result:
     returncode: int
@@ -110,12 +119,7 @@ class Child:
         self.returncode = self.cpu_seconds = None
 
     def alive(self):
-        """Running (not yet exited: a finished child stays a zombie until wait())."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except FileNotFoundError:
-            return False
+        return alive(self.pid)
 
     def send_signal(self, sig):
         os.kill(self.pid, sig)

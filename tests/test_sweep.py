@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from forked_cli import alive
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BASE = ["--models", "bn_fc", "--val", "0", "--device", "cpu", "--set", "subset=256"]
@@ -51,14 +53,6 @@ def folder(tmp_path, name):
 
 def job_logs(tmp_path):
     return sorted(glob.glob(str(tmp_path / "runs" / "reproduce" / "jobs" / "*_0_log.out")))
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
 
 
 def wait_for(check, seconds=120, what="it"):
