@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 import data
 import models
-from common import Diverged
+from common import Diverged, UserError
 
 
 def seed_everything(seed, device):
@@ -39,6 +39,15 @@ class Trainer:
 SYNC_EVERY = 20  # steps between host syncs: on CUDA the CPU queues work ahead of the GPU in between
 
 
+def check_finite(losses, epoch, first):
+    """Raise Diverged naming the exact step of the first non-finite loss in `losses` (on the CPU),
+    the losses of epoch `epoch`'s steps first, first + 1, ..."""
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        raise Diverged(f"loss became {losses[int(bad[0])].item()} at epoch {epoch}, step {first + int(bad[0])}; "
+                       "stopped, the last good checkpoint is kept")
+
+
 def train_epoch(trainer, loader, steps, epoch=0, progress=True):
     """One pass of `trainer` over `loader` (yielding (x, y)). Returns (mean loss, accuracy %, images).
     Losses and hits stay on the device and are read every SYNC_EVERY steps, where a non-finite
@@ -53,11 +62,7 @@ def train_epoch(trainer, loader, steps, epoch=0, progress=True):
     def sync(step):
         nonlocal total_loss, correct
         losses = torch.stack(window).cpu().double()  # one per step since the last sync (MPS has no float64)
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad):
-            first = step - len(window) + 1 + int(bad[0])
-            raise Diverged(f"loss became {losses[int(bad[0])].item()} at epoch {epoch}, step {first}; "
-                           "stopped, the last good checkpoint is kept")
+        check_finite(losses, epoch, step - len(window) + 1)
         total_loss += float(losses @ torch.tensor(sizes, dtype=torch.float64))
         correct = int(hits)
         window.clear()
@@ -122,9 +127,10 @@ class WholeStep:
     at backward() (AOTAutograd compiles forward and backward as a pair; torch 2.14's
     trace_autograd_ops, which would trace backward into the step's graph, left the weights untouched
     when tried) and around optimizer.step (on purpose, pytorch/pytorch#104053); with cudagraphs on
-    CUDA inductor replays each piece as a CUDA graph. Static shapes: an epoch is len // batch_size full batches of a fresh shuffle, the short
-    last batch is dropped (a different remainder every epoch), and the figures count the images
-    trained on. One compile per WholeStep, reused by every epoch (a new model is a new compile)."""
+    CUDA inductor replays each piece as a CUDA graph. Static shapes: an epoch is len // batch_size
+    full batches of a fresh shuffle, the short last batch is dropped (a different remainder every
+    epoch), and the figures count the images trained on. One compile per WholeStep, reused by every
+    epoch (a new model is a new compile)."""
 
     def __init__(self, model, recipe, images, labels, batch_size, epochs, lr=None, amp=False, cudagraphs=True):
         dev = images.device
@@ -132,7 +138,7 @@ class WholeStep:
         self.images, self.labels = images, labels
         self.steps = len(labels) // batch_size
         if self.steps == 0:
-            raise ValueError(f"--whole-step needs at least one full batch of {batch_size} images")
+            raise UserError(f"--whole-step needs at least one full batch of {batch_size} images, got {len(labels)}")
         self.optimizer = models.build_optimizer(recipe, model, lr)
         self.own_lr()
         self.table, self.moms = schedule_table(recipe, epochs, self.steps, lr)
@@ -202,11 +208,7 @@ class WholeStep:
                         g["momentum"] = self.moms[first + s]
                 self.compiled()
                 if (s + 1) % SYNC_EVERY == 0 or s + 1 == steps:
-                    window = self.losses[checked:s + 1].cpu().double()
-                    bad = (~torch.isfinite(window)).nonzero()
-                    if len(bad):
-                        raise Diverged(f"loss became {window[int(bad[0])].item()} at epoch {epoch}, step "
-                                       f"{checked + int(bad[0]) + 1}; stopped, the last good checkpoint is kept")
+                    check_finite(self.losses[checked:s + 1].cpu().double(), epoch, checked + 1)
                     checked = s + 1
         seen = steps * self.batch_size
         return float(self.losses[:steps].double().mean()), 100 * int(self.hits) / seen, seen

@@ -145,6 +145,8 @@ BAD_INPUT = [  # (script, args, what the one line must say)
     ("train.py", ["--out", "/proc/no/such/place"], "cannot write to output folder"),
     ("train.py", ["--epochs", "0"], "--epochs must be at least 1"),
     ("train.py", ["--batch-size", "-3"], "--batch-size must be at least 1"),
+    ("train.py", ["--whole-step", "--subset", "100"],
+     "--whole-step needs at least one full batch of 128 images, got 100"),  # was a ValueError traceback
     ("train.py", ["--lr", "1e300"], "--lr must be at most 3.403e+38 (float32's largest)"),  # was a traceback
     ("train.py", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     ("train.py", ["--resume", "{broken}"], "nothing to resume"),
