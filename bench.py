@@ -149,10 +149,7 @@ def bench_train(name, device, images, labels, opts):
                                                                  progress=False)))
             if r:
                 rates.append(done[0][2] / seconds)  # images actually seen (an epoch's last batch is short)
-        records.append(dict(task="train", model=name, device=device.type, backend=backend, variant=variant,
-                            batch_size=bs, threads=torch.get_num_threads() if device.type == "cpu" else None,
-                            steps=steps, metric="images_per_s", value=round(statistics.median(rates), 1),
-                            unit="images/s", spread=spread(rates)))
+        record(backend, variant, steps, rates)
         if "cudagraphs" in on and counters["inductor"]["cudagraph_skips"] > graph_skips:
             records[-1]["note"] = "inductor skipped CUDA graphs (see its warning): this is torch.compile alone"
             skipped.append(f"train {name} {device.type} {backend}/{variant}: {records[-1]['note']}")
@@ -168,10 +165,13 @@ def bench_train(name, device, images, labels, opts):
                 rates.append(done[0][2] / seconds)
             else:
                 compile_s = seconds
-        records.append(dict(task="train", model=name, device=device.type, backend="fast-pipeline", variant=variant,
+        record("fast-pipeline", variant, min(steps, ws.steps), rates, first_pass_s=round(compile_s, 1))
+
+    def record(backend, variant, steps_done, rates, **extra):
+        records.append(dict(task="train", model=name, device=device.type, backend=backend, variant=variant,
                             batch_size=bs, threads=torch.get_num_threads() if device.type == "cpu" else None,
-                            steps=min(steps, ws.steps), metric="images_per_s", value=round(statistics.median(rates), 1),
-                            unit="images/s", spread=spread(rates), first_pass_s=round(compile_s, 1)))
+                            steps=steps_done, metric="images_per_s", value=round(statistics.median(rates), 1),
+                            unit="images/s", spread=spread(rates), **extra))
 
     gen = data.generator(0, device)
     dev_x, dev_y = images.to(device), labels.to(device)
