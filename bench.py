@@ -20,6 +20,7 @@ fails is listed under "not measured" with its error; the rest of the table still
 """
 import argparse
 import datetime
+import importlib.metadata
 import itertools
 import math
 import os
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch._dynamo.utils import counters
 
 import artifacts
 import data
@@ -140,7 +140,7 @@ def bench_train(name, device, images, labels, opts):
         opt = models.build_optimizer(recipe, model)
         sched, every = models.build_schedule(recipe, opt, 1000, steps)  # long schedule: no step limit
         trainer = loop.Trainer(net, opt, sched, every, "channels_last" in on, "amp" in on)
-        graph_skips = counters["inductor"]["cudagraph_skips"]
+        skips = graph_skips() if "cudagraphs" in on else 0
         rates = []
         # first pass: warm-up (compilation, graph capture, worker start-up, allocator), then timed repeats
         for r in range(opts.repeats + 1):
@@ -150,7 +150,7 @@ def bench_train(name, device, images, labels, opts):
             if r:
                 rates.append(done[0][2] / seconds)  # images actually seen (an epoch's last batch is short)
         record(backend, variant, steps, rates)
-        if "cudagraphs" in on and counters["inductor"]["cudagraph_skips"] > graph_skips:
+        if "cudagraphs" in on and graph_skips() > skips:
             records[-1]["note"] = "inductor skipped CUDA graphs (see its warning): this is torch.compile alone"
             skipped.append(f"train {name} {device.type} {backend}/{variant}: {records[-1]['note']}")
 
@@ -362,10 +362,17 @@ def ort_runners(sess, provider, x1, xb):
     return (lambda: sess.run(None, {"image": a1})), (lambda: sess.run(None, {"image": ab}))
 
 
+def graph_skips():
+    """How many calls inductor has run without CUDA graphs so far (torch._dynamo is imported only when
+    asked: 2-3 s that a run without torch.compile or torch.export does not need)."""
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def time_backend(t, backend, fn, threads):
     """The p50, p99 and batch-BATCH_INFER records of one backend's function `fn` (onnxruntime: its file)
     on Target `t` at `threads`."""
-    graph_skips = counters["inductor"]["cudagraph_skips"]
+    skips = graph_skips() if backend == "compile" else 0
     if backend in ORT:
         sess = artifacts.ort_session(fn, threads, t.provider)  # threads is None off the CPU
         run1, runb = ort_runners(sess, t.provider, t.x1, t.xb)
@@ -378,7 +385,7 @@ def time_backend(t, backend, fn, threads):
     lat = sorted(t.timer(run1) * 1000 for _ in range(t.opts.calls))
     rates = [BATCH_INFER / t.timer(runb) for _ in range(t.opts.repeats)]
     base = dict(task="infer", model=t.name, device=where(backend, t.device), backend=backend, threads=threads)
-    if backend == "compile" and t.device.type == "cuda" and counters["inductor"]["cudagraph_skips"] > graph_skips:
+    if backend == "compile" and t.device.type == "cuda" and graph_skips() > skips:
         base["note"] = "inductor skipped CUDA graphs (see its warning): this is torch.compile alone"
     return [dict(base, batch_size=1, metric="p50_ms", value=round(lat[len(lat) // 2], 4), unit="ms"),
             dict(base, batch_size=1, metric="p99_ms", value=round(lat[math.ceil(len(lat) * 0.99) - 1], 4), unit="ms"),
@@ -390,10 +397,9 @@ def time_backend(t, backend, fn, threads):
 
 def environment(devices, threads):
     import onnxruntime
-    import torchvision
     env = dict(cpu=device_name(torch.device("cpu")), cores=os.cpu_count(), threads=threads,
                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-               python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+               python=platform.python_version(), torch=torch.__version__, torchvision=importlib.metadata.version("torchvision"),
                onnxruntime=onnxruntime.__version__, git_commit=git_commit(), load_before=load_average(),
                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                devices=[d.type for d in devices], command=" ".join(["python"] + sys.argv))

@@ -21,7 +21,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.metrics import classification_report, confusion_matrix  # noqa: E402
 
 import artifacts  # noqa: E402
 import data  # noqa: E402
@@ -35,6 +34,7 @@ REPORT_FILES = ("report.json", "report.html", "confusion.png", "mistakes.png", "
 
 def report(labels, logp):
     """Every figure of the report from true labels and log-probabilities (CPU tensors)."""
+    from sklearn.metrics import classification_report, confusion_matrix  # 1-2 s to import: not for --help or errors
     y, pred = labels.numpy(), logp.argmax(1).numpy()
     cls = classification_report(y, pred, labels=DIGITS, digits=4, output_dict=True, zero_division=0)
     cm = confusion_matrix(y, pred, labels=DIGITS)
