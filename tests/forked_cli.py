@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 
 SERVER = r'''
-import atexit, json, os, runpy, signal, sys, traceback, warnings
+import atexit, json, os, resource, runpy, signal, sys, traceback, warnings
 root = sys.argv[1]
 sys.path.insert(0, root)
 proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -47,6 +47,8 @@ def child(c):
     os.dup2(os.open(c["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
     os.chdir(c["cwd"])
     os.environ.update(c["env"])
+    if c["address_space"]:  # RLIMIT_AS in bytes, as a shell's ulimit -v before the command
+        resource.setrlimit(resource.RLIMIT_AS, (c["address_space"], c["address_space"]))
     signal.signal(signal.SIGINT, signal.default_int_handler)   # what a fresh interpreter installs
     if c["ignore_warnings"]:
         warnings.simplefilter("ignore")                         # PYTHONWARNINGS=ignore
@@ -93,8 +95,8 @@ for line in sys.stdin:
 '''
 
 # what the server imports before it forks: the scripts and the modules they share
-MODULES = ["torch", "numpy", "onnx", "onnxruntime", "common", "data", "digit", "models", "loop", "artifacts", "train", "evaluate",
-           "export", "bench", "predict", "compare"]
+MODULES = ["torch", "numpy", "onnx", "onnxruntime", "sklearn.metrics", "common", "data", "digit", "models", "loop",
+           "artifacts", "train", "evaluate", "export", "bench", "predict", "compare"]
 
 
 def alive(pid):
@@ -156,16 +158,18 @@ class ForkServer:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
 
-    def start(self, script, *args, cwd, env=None, ignore_warnings=False):
-        """`python SCRIPT ARGS` in `cwd` (env: variables to set on top of the server's), started."""
+    def start(self, script, *args, cwd, env=None, ignore_warnings=False, address_space=None):
+        """`python SCRIPT ARGS` in `cwd` (env: variables to set on top of the server's; address_space: a
+        RLIMIT_AS in bytes), started."""
         self.n += 1
         out, err = (os.path.join(self.io_dir, f"{self.n}.{s}") for s in ("out", "err"))
         self._send(op="start", script=script, args=[str(a) for a in args], cwd=str(cwd), env=env or {},
-                   ignore_warnings=ignore_warnings, stdout=out, stderr=err)
+                   ignore_warnings=ignore_warnings, address_space=address_space, stdout=out, stderr=err)
         return Child(self, self._reply(60)["pid"], out, err)
 
-    def run(self, script, *args, cwd, env=None, ignore_warnings=False, timeout=300):
-        return self.start(script, *args, cwd=cwd, env=env, ignore_warnings=ignore_warnings).wait(timeout)
+    def run(self, script, *args, cwd, env=None, ignore_warnings=False, address_space=None, timeout=300):
+        return self.start(script, *args, cwd=cwd, env=env, ignore_warnings=ignore_warnings,
+                          address_space=address_space).wait(timeout)
 
     def _wait(self, child, timeout):
         self._send(op="wait", pid=child.pid)
