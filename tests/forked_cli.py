@@ -94,9 +94,11 @@ for line in sys.stdin:
                                 "cpu": usage.ru_utime + usage.ru_stime}) + "\n")
 '''
 
-# what the server imports before it forks: the scripts and the modules they share
-MODULES = ["torch", "numpy", "onnx", "onnxruntime", "sklearn.metrics", "common", "data", "digit", "models", "loop",
-           "artifacts", "train", "evaluate", "export", "bench", "predict", "compare"]
+# what the server imports before it forks: the scripts and the modules they import when they run
+# (torch._inductor.config: torch.use_deterministic_algorithms, in every train.py run; sklearn.metrics:
+# evaluate.py's report)
+MODULES = ["torch", "torch._inductor.config", "numpy", "onnx", "onnxruntime", "sklearn.metrics", "common", "data", "digit",
+           "models", "loop", "artifacts", "train", "evaluate", "export", "bench", "predict", "compare"]
 
 
 def alive(pid):
