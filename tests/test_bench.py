@@ -10,7 +10,8 @@ import bench
 import models
 
 FIELDS = {"task", "model", "device", "backend", "batch_size", "threads", "metric", "value", "unit"}
-TINY = ["--model", "gap10k", "--device", "cpu", "--steps", "2", "--repeats", "1", "--calls", "3"]
+# bn_fc: the cheapest model to train and run (the bench code is the same for every model)
+TINY = ["--model", "bn_fc", "--device", "cpu", "--steps", "2", "--repeats", "1", "--calls", "3"]
 
 
 def test_bench_writes_every_record_it_promises(tmp_path, mnist_dir, capsys):
@@ -36,7 +37,7 @@ def test_bench_writes_every_record_it_promises(tmp_path, mnist_dir, capsys):
     p = {r["metric"]: r["value"] for r in recs if r["backend"] == "eager" and r["threads"] == 1}
     assert p["p50_ms"] <= p["p99_ms"]
     table = capsys.readouterr().out
-    assert "| gap10k | cpu |" in table and "onnxruntime" in table and env["skipped"] == []
+    assert "| bn_fc | cpu |" in table and "onnxruntime" in table and env["skipped"] == []
     assert "| load ms | file |" in table and " kB |" in table
 
 
@@ -48,9 +49,9 @@ def test_a_failing_variant_is_reported_not_fatal(tmp_path, mnist_dir, capsys, mo
     bench.main(TINY + ["--data-dir", mnist_dir, "--task", "train", "--variant", "compile", "--json", str(out)])
     got = json.loads(out.read_text())
     assert [r["backend"] for r in got["records"]] == ["seed-pipeline"]
-    assert got["environment"]["skipped"] == ["train gap10k cpu fast-pipeline/compile: RuntimeError: no compiler here"]
+    assert got["environment"]["skipped"] == ["train bn_fc cpu fast-pipeline/compile: RuntimeError: no compiler here"]
     printed = capsys.readouterr().out
-    assert "| gap10k | cpu |" in printed and "not measured:" in printed
+    assert "| bn_fc | cpu |" in printed and "not measured:" in printed
 
 
 @pytest.mark.parametrize("args, message", [
@@ -87,7 +88,7 @@ def test_cuda_graphs_that_inductor_skipped_are_flagged(tmp_path, mnist_dir, monk
     got = json.loads(out.read_text())
     fast = [r for r in got["records"] if r["backend"] == "fast-pipeline"]
     assert len(fast) == 1 and "torch.compile alone" in fast[0]["note"]
-    assert got["environment"]["skipped"][0].startswith("train gap10k cpu fast-pipeline/cudagraphs: inductor skipped")
+    assert got["environment"]["skipped"][0].startswith("train bn_fc cpu fast-pipeline/cudagraphs: inductor skipped")
 
 
 def test_a_failing_export_costs_only_its_backend(tmp_path, mnist_dir, monkeypatch):
@@ -101,7 +102,7 @@ def test_a_failing_export_costs_only_its_backend(tmp_path, mnist_dir, monkeypatc
                        "--json", str(out)])
     got = json.loads(out.read_text())
     assert {r["backend"] for r in got["records"]} == {"eager"}
-    assert got["environment"]["skipped"] == ["infer gap10k cpu onnxruntime: ValueError: exporter broke"]
+    assert got["environment"]["skipped"] == ["infer bn_fc cpu onnxruntime: ValueError: exporter broke"]
 
 
 def test_onnxruntime_on_cuda_keeps_data_on_the_gpu():
