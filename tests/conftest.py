@@ -10,6 +10,13 @@ SHARED_MNIST = os.path.join(ROOT, "..", "shared", "mnist")
 # inductor compiles kernels in-process instead of starting a pool of worker processes (each imports
 # torch) for the few kernels a test compiles: the same generated code, less CPU on 2 cores
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# glibc hands every allocation above a threshold back to the kernel when it is freed, so each training
+# step's and test pass's activations come back as fresh zero pages: 10-25% of a short run's CPU went to
+# page faults (system time). Heap allocations kept for reuse instead: read by glibc when a process
+# starts, so it holds for the xdist workers (started after this file loads in the controller), the fork
+# servers and every process they start; the same numbers, the same code paths.
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 32))
+os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 32))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # set by xdist before this file loads, and before torch is imported
     # two workers share two cores: a thread that waits for work sleeps instead of spinning on a core
     # the other worker needs (what bench.py's two-thread figures and its training otherwise cost twice)

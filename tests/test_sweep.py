@@ -27,8 +27,8 @@ def sweeps(mnist_dir, tmp_path_factory):
     import forked_cli
     env = dict(os.environ, MNIST_DIR=mnist_dir, OMP_NUM_THREADS="1")
     shared = forked_cli.MODULES
-    forked_cli.MODULES = ["torch", "torch._inductor.config", "numpy", "common", "data", "models", "loop", "train", "sweep",
-                          "reproduce"]
+    forked_cli.MODULES = ["torch", "torch._inductor.config", "numpy", "scipy.stats", "common", "data", "models", "loop",
+                          "train", "sweep", "reproduce"]
     try:
         server = forked_cli.ForkServer(ROOT, env, tmp_path_factory.mktemp("sweep-io"))
     finally:
