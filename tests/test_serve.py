@@ -164,25 +164,21 @@ def seven():
 def tiff_pages(first, pages, size=4):
     """A little-endian TIFF: `first` (an 'L' image) then `pages` blank size x size pages, written
     directly (Pillow's multi-page writer rereads every earlier page per page: 3.4 s for 2,000)."""
-    def ifd(w, h, strip, next_at):
-        tags = [(256, 4, w), (257, 4, h), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, strip), (277, 3, 1),
-                (278, 4, h), (279, 4, w * h)]  # size, 8 bits, uncompressed, black is zero, one strip
-        return (struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, k, 1, v) for t, k, v in tags)
-                + struct.pack("<I", next_at))
     images = [(first.width, first.height, first.tobytes())] + [(size, size, bytes(size * size))] * pages
-    out, at = [b"II*\0", None], 8
+    out, at = [b"II*\0" + struct.pack("<I", 8)], 8   # the header, then each page's IFD and pixels
     for i, (w, h, pixels) in enumerate(images):
-        head = len(ifd(0, 0, 0, 0))
-        last = i == len(images) - 1
-        out.append(ifd(w, h, at + head, 0 if last else at + head + len(pixels)) + pixels)
-        at += head + len(pixels)
-    out[1] = struct.pack("<I", 8)
+        tags = [(256, 4, w), (257, 4, h), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, at + 114), (277, 3, 1),
+                (278, 4, h), (279, 4, w * h)]  # size, 8 bits, uncompressed, black is zero, one strip after the IFD
+        after = at + 114 + len(pixels)         # an IFD of 9 tags is 114 bytes
+        out.append(struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, k, 1, v) for t, k, v in tags)
+                   + struct.pack("<I", after if i < pages else 0) + pixels)
+        at = after
     return b"".join(out)
 
 
 @functools.cache
 def images():
-    """The cases, built on first use (in the worker that runs them, not at every worker's collection)."""
+    """The cases, built once per process (0.3 s)."""
     d = seven()
     blank = [Image.new("P", (60, 60), i % 250) for i in range(2000)]
     rotated = d.convert("RGB").transpose(Image.Transpose.ROTATE_90)   # stored on its side...
@@ -213,19 +209,8 @@ def images():
     ]
 
 
-IMAGES = ["PNG claiming 30000 x 30000", "PNG claiming 9000 x 9000 (under Pillow's limit, over the page's)",
-          "GIF claiming 65535 x 65535", "TIFF claiming 60000 x 60000", "WebP claiming 16383 x 16383", "PNG claiming 0 x 0",
-          "animated GIF, 2,000 frames", "TIFF, 2,000 pages", "animated WebP, 100 frames", "palette PNG", "CMYK JPEG",
-          "LA PNG", "I;16 PNG", "EXIF orientation 6", "1 x 1 PNG"]  # images()'s ids, in its order
-
-
-def test_every_image_case_is_collected():
-    assert [c[0] for c in images()] == IMAGES
-
-
-@pytest.mark.parametrize("cid", IMAGES)
-def test_images_that_decode_huge_or_odd(served, cid):
-    _, body, code, want = next(c for c in images() if c[0] == cid)
+@pytest.mark.parametrize("cid, body, code, want", images(), ids=[i[0] for i in images()])
+def test_images_that_decode_huge_or_odd(served, cid, body, code, want):
     port, _ = served
     status, headers, reply = exchange(port, post(body), wait=60)
     if code == 200:
