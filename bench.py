@@ -399,8 +399,9 @@ def environment(devices, threads):
     import onnxruntime
     env = dict(cpu=device_name(torch.device("cpu")), cores=os.cpu_count(), threads=threads,
                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-               python=platform.python_version(), torch=torch.__version__, torchvision=importlib.metadata.version("torchvision"),
-               onnxruntime=onnxruntime.__version__, git_commit=git_commit(), load_before=load_average(),
+               python=platform.python_version(), torch=torch.__version__,
+               torchvision=importlib.metadata.version("torchvision"), onnxruntime=onnxruntime.__version__,
+               git_commit=git_commit(), load_before=load_average(),
                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                devices=[d.type for d in devices], command=" ".join(["python"] + sys.argv))
     return env
