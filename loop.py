@@ -150,10 +150,7 @@ class WholeStep:
         self.at = torch.zeros(1, dtype=torch.int64, device=dev)      # the step within the run
         self.losses = torch.zeros(self.steps, device=dev)
         self.hits = torch.zeros((), dtype=torch.int64, device=dev)
-        graphs = cudagraphs and dev.type == "cuda"
-        models.quiet_inductor()
-        torch._dynamo.reset()
-        self.compiled = torch.compile(self.step, mode="reduce-overhead" if graphs else None, dynamic=None)
+        self.compiled = models.compile_model(self.step, cudagraphs, dev, dynamic=None)
 
     def own_lr(self):
         """Each group's lr as a device tensor (again after optimizer.load_state_dict): the step

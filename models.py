@@ -350,15 +350,16 @@ def quiet_inductor():
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def compile_model(model, cudagraphs=True):
+def compile_model(model, cudagraphs=True, device=None, dynamic=False):
     """torch.compile(model) with static shapes (a short last batch gets its own graph instead of
     sending every later batch through a dynamic one); on CUDA with CUDA graphs (mode
     reduce-overhead) unless cudagraphs=False. Returns the compiled wrapper, which shares the
-    module's parameters and buffers."""
+    module's parameters and buffers. `model` may be any function (loop.WholeStep's step) given the
+    `device` it runs on and the `dynamic` setting it wants."""
     torch._dynamo.reset()  # fresh caches: an earlier model's recompiles must not use up this one's limit
     quiet_inductor()
-    graphs = cudagraphs and next(model.parameters()).device.type == "cuda"
-    return torch.compile(model, mode="reduce-overhead" if graphs else None, dynamic=False)
+    graphs = cudagraphs and (device or next(model.parameters()).device).type == "cuda"
+    return torch.compile(model, mode="reduce-overhead" if graphs else None, dynamic=dynamic)
 
 
 def check_amp(device):

@@ -11,8 +11,8 @@ or with --val N by the accuracy on N held-out training images, the honest choice
 Every file is written to a temp file and renamed, so a kill leaves the old or the new one.
 """
 import argparse
-import importlib.metadata
 import csv
+import importlib.metadata
 import io
 import math
 import os
@@ -335,8 +335,8 @@ def describe(r):
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     info.update(documented=r.recipe["documented"], reconstructed=r.recipe["reconstructed"], lr=args.lr,
                 subset=args.subset, threads=torch.get_num_threads(), python=platform.python_version(),
-                torch=torch.__version__, torchvision=importlib.metadata.version("torchvision"), git_commit=git_commit(),
-                command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+                torch=torch.__version__, torchvision=importlib.metadata.version("torchvision"),
+                git_commit=git_commit(), command=" ".join([os.path.basename(sys.executable)] + sys.argv))
     return info
 
 
