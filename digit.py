@@ -7,6 +7,7 @@ centre of mass is at pixel (14, 14), as in MNIST (test-set mean 13.99, 14.01). O
 recipe: strokes far thinner than MNIST's (a fine pen photographed large) are widened first.
 """
 import os
+import stat
 
 import numpy as np
 import torch
@@ -22,7 +23,6 @@ STROKE = 0.09   # MNIST's median stroke width over digit size (0.06 to 0.15 for 
 def read_file(path):
     """A regular file's bytes. DataError for a FIFO, socket or device (a read could wait or never end)
     and for a file over MAX_FILE_BYTES; OSError (no such file, permission denied, a symlink loop) as it is."""
-    import stat
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise DataError("not a regular file (a FIFO, socket or device)")
     with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:   # a FIFO swapped in since: no wait

@@ -221,7 +221,7 @@ def evaluate(source_path, kind, out, data_dir, device, trust_code=False):
     run_dir = run_folder(source_path) if clf.kind == "checkpoint" else None
     images, labels = data.load("test", data_dir)
     check_out_dir(out, "--out")
-    check_keeps_inputs([os.path.join(out, name) for name in REPORT_FILES], [source_path])
+    check_keeps_inputs([os.path.join(out, f) for f in REPORT_FILES], [source_path])
     logp = clf(images)
     if not bool(torch.isfinite(logp).all()):
         raise UserError(f"{source_path} gives NaN or infinite log-probabilities")
