@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 MAX_CHECKPOINT_BYTES = 64 << 20  # ours are 0.1-0.4 MB; anything near this is not one of ours
 METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr", "seconds",
-           "images_per_s"]  # metrics.csv; val_* are empty without --val
+           "images_per_s", "load_1m"]  # metrics.csv; val_* are empty without --val; load_1m: the machine's
+# 1-minute load average as the epoch's scoring ends (seconds taken under load say so)
 
 
 # ------------------------------------------------------------------------------ errors

@@ -43,7 +43,7 @@ import train
 MARKER = "<!-- hand-written analysis below: reproduce.py keeps it as is -->"
 REPORT = "REPRODUCTION.md"
 FIGURES = "figures"
-RUNS = os.path.join("runs", "reproduce")
+RUNS = os.path.join("results", "reproduce")  # the committed run records (checkpoints git-ignored)
 TRAIN_SET_FIGURE = "conv4_fc"  # the one recipe whose documented figure was measured on the training images
 TARGET = 99.0  # time to accuracy: the first epoch at or above this test accuracy (%)
 BENCH = "bench-cpu.json"  # bench.py --json output the trade-off chart takes its latency from
@@ -694,7 +694,7 @@ def shown(value):
     return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
-def plan(args, seeds, grid, absolute=False):
+def plan(args, seeds, grid, threads, absolute=False):
     """Every run the command asks for, in order, as sweep.Task (label, folder, train.py's argv) with
     `summary` set where it already finished. A run stopped part-way is resumed (--resume); each new
     run's argv is checked by train.py's own rules before anything starts."""
@@ -702,6 +702,7 @@ def plan(args, seeds, grid, absolute=False):
     where = os.path.abspath if absolute else (lambda p: p)  # jobs get whole paths
     common_argv = ["--device", args.device, "--no-progress"] + (["--data-dir", where(args.data_dir)]
                                                                  if args.data_dir else [])
+    new_argv = ["--threads", str(threads)]  # part of a CPU run's numbers: every new run records it
     for name in args.models:
         for point in itertools.product(*grid.values()):
             setting = dict(zip(grid, point))
@@ -715,6 +716,7 @@ def plan(args, seeds, grid, absolute=False):
                 else:
                     argv = ["--model", name, "--seed", str(seed), "--out", where(out)] + common_argv
                     argv += [] if "val" in setting else ["--val", str(args.val)]
+                    argv += [] if "threads" in setting else new_argv
                     for d, v in setting.items():
                         opt = flags[d].option_strings[0]
                         argv += ([opt] if v else []) if flags[d].nargs == 0 else [opt, str(v)]
@@ -848,9 +850,10 @@ def main(argv=None):
         seeds = args.seeds or (3 if gpu_jobs else 1)
         t0 = time.time()
         if not args.no_train:
-            plan(args, seeds, grid)  # every run's arguments checked before runs/ is touched
+            threads = options.get("threads") or options.get("cpus") or torch.get_num_threads()
+            plan(args, seeds, grid, threads)  # every run's arguments checked before runs/ is touched
             sweep.lock_runs(RUNS)  # held to the end: a second reproduce.py training here is refused
-            tasks = plan(args, seeds, grid, absolute=args.executor != "inline")  # what is on disk, now locked
+            tasks = plan(args, seeds, grid, threads, absolute=args.executor != "inline")  # on disk, now locked
             todo = [t for t in tasks if t.summary is None]
             if args.executor != "inline":
                 print(f"{len(tasks)} runs: {len(tasks) - len(todo)} finished already (skipped), {len(todo)} to train "

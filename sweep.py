@@ -25,15 +25,12 @@ NO_LIMIT_S = 365 * 24 * 3600  # submitit's local jobs always have a time limit: 
 
 # ---------------------------------------------------------------------------------- the job
 
-def job(argv, threads=None):
+def job(argv):
     """One run of train.py inside a job, as `python train.py ARGV` would run it. Returns ("done", None),
     ("error", its one `error:` line) or ("interrupted", ...) (Ctrl-C, a cancel, a local time limit);
     the line is also printed to the job's log. A bug keeps its traceback (submitit records it)."""
-    import torch
-
     import train
-    if threads:
-        torch.set_num_threads(threads)
+    sys.argv = ["train.py"] + list(argv)  # what summary.json records as the run's command
     try:
         train.run(train.parse_args(argv))
         return "done", None
@@ -214,7 +211,7 @@ def run_local(tasks, log_dir, parallel, gpus, threads, timeout_s):
                     ex.update_parameters(gpus_per_node=0 if t.slot is None else 1,
                                          visible_gpus=() if t.slot is None else (t.slot,))
                     with stderr_into(os.path.join(log_dir, "controllers.log")):
-                        t.job = ex.submit(job, t.argv, threads)
+                        t.job = ex.submit(job, t.argv)
                     t.started = time.time()
                     running.append(t)
                 for t in [t for t in running if t.job.done()]:
@@ -240,7 +237,7 @@ def run_slurm(tasks, log_dir, parallel, partition, time_s, gpus, cpus):
     try:
         with stderr_into(log), ex.batch():  # a refusal's own words are in the error
             for t in tasks:
-                t.job = ex.submit(job, t.argv, cpus)
+                t.job = ex.submit(job, t.argv)
     except Exception as e:  # sbatch refused (partition, account, limits): nothing was submitted
         raise UserError(f"sbatch refused the jobs: {first_line(e)}") from None
     for t in tasks:

@@ -81,6 +81,9 @@ def parser():
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue a run from its last.pt (default RUN_DIR: runs/<model>/latest) with the settings "
                    "it started with; only --device (the run's own), --data-dir and --no-progress may be given")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice, every core or "
+                   "$OMP_NUM_THREADS); the same seed, settings, device and thread count give bit-identical runs "
+                   "on the CPU, another thread count can change the last bits")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     return p
 
@@ -94,7 +97,7 @@ RESUME_MAY_SET = {"resume", "device", "data_dir", "no_progress", "model"}
 
 def check_args(args):
     models.get_recipe(args.model)
-    check_at_least(args, 1, "epochs", "batch_size", "subset")
+    check_at_least(args, 1, "epochs", "batch_size", "subset", "threads")
     check_at_least(args, 0, "workers", "val")
     if args.val >= data.COUNTS["train"]:
         raise UserError(f"--val {args.val} would hold out every training image; use at most {data.COUNTS['train'] - 1}")
@@ -276,6 +279,8 @@ def start(args, out):
     recipe = models.get_recipe(args.model)
     args.epochs = args.epochs or recipe["epochs"]
     args.batch_size = args.batch_size or recipe["batch_size"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = get_device(args.device)
     if args.amp:
         models.check_amp(device)
@@ -323,6 +328,12 @@ def resumed(r, ckpt):
     return ckpt["history"], ckpt["best_acc"], ckpt["best_epoch"], first
 
 
+def relative(path):
+    """`path` relative to the current folder when inside it (jobs get whole paths), else as given."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith(os.pardir) else rel
+
+
 def describe(r):
     """summary.json's account of the run; its first part is printed as the run starts."""
     args = r.args
@@ -331,7 +342,7 @@ def describe(r):
                 pipeline=args.pipeline, channels_last=args.channels_last, amp=args.amp,
                 fast_dropout=args.fast_dropout, compile=args.compile,
                 whole_step=getattr(args, "whole_step", False), train_images=len(r.train_set[1]),
-                val_images=args.val, out=r.out)
+                val_images=args.val, out=relative(r.out))
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     info.update(documented=r.recipe["documented"], reconstructed=r.recipe["reconstructed"], lr=args.lr,
                 subset=args.subset, threads=torch.get_num_threads(), python=platform.python_version(),
@@ -367,7 +378,7 @@ def train_and_score(r, epoch):
     row = dict(epoch=epoch, train_loss=round(train_loss, 6), train_acc=round(train_acc, 4),
                val_loss=None if val_loss is None else round(val_loss, 6), val_acc=val_acc,
                test_loss=round(test_loss, 6), test_acc=test_acc, lr=float(f"{lr:.6g}"),
-               seconds=round(seconds, 3), images_per_s=round(seen / seconds, 1))
+               seconds=round(seconds, 3), images_per_s=round(seen / seconds, 1), load_1m=round(os.getloadavg()[0], 2))
     return row, correct
 
 

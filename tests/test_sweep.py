@@ -49,11 +49,11 @@ def one_error(r):
 
 
 def folder(tmp_path, name):
-    return tmp_path / "runs" / "reproduce" / name
+    return tmp_path / "results" / "reproduce" / name
 
 
 def job_logs(tmp_path):
-    return sorted(glob.glob(str(tmp_path / "runs" / "reproduce" / "jobs" / "*_0_log.out")))
+    return sorted(glob.glob(str(tmp_path / "results" / "reproduce" / "jobs" / "*_0_log.out")))
 
 
 def wait_for(check, seconds=120, what="it"):
@@ -67,7 +67,7 @@ def wait_for(check, seconds=120, what="it"):
 
 
 def no_tmp_files(tmp_path):
-    assert not [p for p in (tmp_path / "runs").rglob("*") if ".tmp" in p.name]
+    assert not [p for p in (tmp_path / "results").rglob("*") if ".tmp" in p.name]
 
 
 @pytest.mark.parametrize("args, says", [
