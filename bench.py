@@ -19,12 +19,9 @@ Every figure is the median of several timed repeats after a warm-up. A variant o
 fails is listed under "not measured" with its error; the rest of the table still comes out.
 """
 import argparse
-import datetime
-import importlib.metadata
 import itertools
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,8 +35,8 @@ import artifacts
 import data
 import loop
 import models
-from common import (check_at_least, check_out_file, device_name, devices_present, first_line, get_device,
-                    git_commit, load_checkpoint, make_checkpoint, one_line_errors, save_checkpoint, save_json)
+from common import (check_at_least, check_out_file, device_name, devices_present, first_line, get_device, provenance,
+                    load_checkpoint, make_checkpoint, one_line_errors, save_checkpoint, save_json)
 
 NOISY = 0.2  # a figure whose timed repeats spread by more than this share of their median is flagged
 
@@ -397,13 +394,10 @@ def time_backend(t, backend, fn, threads):
 
 def environment(devices, threads):
     import onnxruntime
-    env = dict(cpu=device_name(torch.device("cpu")), cores=os.cpu_count(), threads=threads,
-               gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-               python=platform.python_version(), torch=torch.__version__,
-               torchvision=importlib.metadata.version("torchvision"), onnxruntime=onnxruntime.__version__,
-               git_commit=git_commit(), load_before=load_average(),
-               date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-               devices=[d.type for d in devices], command=" ".join(["python"] + sys.argv))
+    env = dict(cpu=device_name(torch.device("cpu")), gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available()
+               else None, **provenance(torch.device("cpu"), threads), onnxruntime=onnxruntime.__version__,
+               load_before=load_average(), devices=[d.type for d in devices])
+    del env["device_name"]  # cpu and gpu name the machine here
     return env
 
 

@@ -454,6 +454,18 @@ def device_name(device):
     return platform.processor() or "cpu"
 
 
+def provenance(device, threads):
+    """Where and how a figure was measured (summary.json's and bench JSON's shared fields): the device's
+    name, the machine's cores, torch's CPU threads, the versions, the commit, the date, the command."""
+    import datetime
+    import importlib.metadata
+    return dict(device_name=device_name(device), cores=os.cpu_count(), threads=threads,
+                python=platform.python_version(), torch=torch.__version__,
+                torchvision=importlib.metadata.version("torchvision"), git_commit=git_commit(),
+                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                command=" ".join(["python", os.path.basename(sys.argv[0])] + sys.argv[1:]))
+
+
 def git_commit():
     """The commit this code runs from, with '-dirty' when the tree has uncommitted changes."""
     here = os.path.dirname(os.path.abspath(__file__))

@@ -148,11 +148,11 @@ class BnFc(nn.Module):
 #                OneCycleLR gets total_steps filled in from epochs and steps per epoch.
 #   augment      data.augment dict: rotate (deg), translate (px), crop (size) with crop_p
 #   batch_size, epochs
-#   documented   the seed's figures: best_test_acc (%), best_epoch (1-based), params,
-#                seconds_per_epoch, seed file, notes, and test_acc_by_epoch: the seed's own per-epoch
-#                test accuracy (%), index 0 = epoch 1, None for an epoch its log leaves out; None
-#                where the seed publishes no per-epoch test log
-#   reconstructed  which parts are our choice, not the seed's
+#   documented   the source's figures: best_test_acc (%), best_epoch (1-based), params,
+#                seconds_per_epoch, source (its write-up's file), notes, and test_acc_by_epoch: the
+#                source's own per-epoch test accuracy (%), index 0 = epoch 1, None for an epoch its log
+#                leaves out; None where the source publishes no per-epoch test log
+#   reconstructed  which parts are our choice, not the source's
 RECIPES = {
     "bn_gap": dict(
         model=BnGap,
@@ -162,7 +162,7 @@ RECIPES = {
         batch_size=128,
         epochs=20,
         documented=dict(best_test_acc=99.55, best_epoch=15, final_test_acc=99.54, params=None,
-                        seconds_per_epoch=None, seed="000_6c444237f28cae73.txt",
+                        seconds_per_epoch=None, source="000_6c444237f28cae73.txt",
                         notes="the seed's log counts epochs from 0: its 'Epoch 14' is the 15th",
                         # its "Epoch 0" ... "Epoch 19", as our epochs 1 ... 20
                         test_acc_by_epoch=[98.24, 99.04, 99.31, 99.33, 99.41, 99.30, 99.43, 99.41, 99.37, 99.51,
@@ -177,7 +177,7 @@ RECIPES = {
         batch_size=32,
         epochs=1,
         documented=dict(best_test_acc=95.21, best_epoch=1, params=24552, seconds_per_epoch=None,
-                        seed="001_14c6d933e153585f.txt",
+                        source="001_14c6d933e153585f.txt",
                         notes="95.21% was measured on the 60,000 training images, not the test set",
                         test_acc_by_epoch=None),  # one epoch, and its one figure is a training-set one
         reconstructed=["pool placement (the seed's diagram cannot give its 896-wide flatten)"],
@@ -190,7 +190,7 @@ RECIPES = {
         batch_size=128,
         epochs=19,
         documented=dict(best_test_acc=99.38, best_epoch=16, final_test_acc=99.33, params=9798,
-                        seconds_per_epoch=21.5, seed="002_f505d3a248fa0eb2.txt",
+                        seconds_per_epoch=21.5, source="002_f505d3a248fa0eb2.txt",
                         notes="about 21-22 s per epoch on CUDA",
                         # its "Accuracy Progression" table skips epochs 8, 9, 13, 14, 17 and 18
                         test_acc_by_epoch=[84.70, 97.00, 97.48, 98.32, 98.11, 98.86, 98.98, None, None, 99.01,
@@ -205,7 +205,7 @@ RECIPES = {
         batch_size=64,
         epochs=20,
         documented=dict(best_test_acc=99.44, best_epoch=15, final_test_acc=99.41, params=13808,
-                        seconds_per_epoch=None, seed="003_a3980a8fa7621995.txt",
+                        seconds_per_epoch=None, source="003_a3980a8fa7621995.txt",
                         notes="the log's best is 99.44%; the README text says 'approximately 99.46%'",
                         test_acc_by_epoch=[98.32, 98.88, 99.12, 99.23, 99.23, 99.21, 99.19, 99.27, 99.29, 99.31,
                                            99.41, 99.31, 99.41, 99.43, 99.44, 99.38, 99.39, 99.38, 99.40, 99.41]),
@@ -222,7 +222,7 @@ RECIPES = {
         batch_size=128,
         epochs=10,
         documented=dict(best_test_acc=99.64, best_epoch=10, final_test_acc=99.64, params=9594,
-                        seconds_per_epoch=86, seed="004_cdd6a8636d3ab82f.txt",
+                        seconds_per_epoch=86, source="004_cdd6a8636d3ab82f.txt",
                         notes="about 86 s per epoch, device not stated",
                         test_acc_by_epoch=[95.10, 98.75, 96.94, 99.08, 99.33, 99.34, 99.54, 99.57, 99.60, 99.64]),
         reconstructed=["rotation and translation as one RandomAffine",

@@ -278,7 +278,7 @@ def plot_curves(name, runs, path):
     full, zoom = fig.add_subplot(grid[0]), fig.add_subplot(grid[1])
     doc_y = [math.nan if a is None else a for a in curve]
     missing = [e for e, a in enumerate(curve, 1) if a is None]
-    doc_label = f"seed {doc['seed'][:3]}'s own log, best {doc['best_test_acc']:.2f}% (epoch {doc['best_epoch']})"
+    doc_label = f"seed {doc['source'][:3]}'s own log, best {doc['best_test_acc']:.2f}% (epoch {doc['best_epoch']})"
     if missing:
         doc_label += f"; epochs {', '.join(map(str, missing))} not logged"
     ours_label = f"ours: mean of {n} seeds ({seed_list(runs)})" if n > 1 else f"ours: seed {runs[0]['seed']}"
@@ -334,7 +334,7 @@ def plot_one_epoch(name, runs, train_acc, path):
         ax.scatter([1], [train_acc], color=OURS, marker="D", s=26, zorder=3, label="ours, training set: seed 1")
         ax.annotate(f"{train_acc:.2f}%", (1.08, train_acc), va="center", fontsize=8, color=OURS)
     ax.scatter([1], [doc["best_test_acc"]], marker="s", color=DOC, s=30, zorder=3,
-               label=f"seed {doc['seed'][:3]}'s figure, which it called its test set")
+               label=f"seed {doc['source'][:3]}'s figure, which it called its test set")
     ax.annotate(f"{doc['best_test_acc']:.2f}%", (1.08, doc["best_test_acc"]), va="center", fontsize=8, color=DOC)
     ax.set_xticks([0, 1], ["test set\n(10,000 images)", "training set, no augmentation\n(60,000 images)"])
     ax.set_xlim(-0.5, 1.5)
@@ -539,7 +539,7 @@ def registry_notes(results):
             have = sum(a is not None for a in curve)
             logged = f"logs test accuracy for {have} of its {len(curve)} epochs"
         recon = models.RECIPES[name]["reconstructed"]
-        lines.append(f"- **{name}** (seed `{doc['seed']}`): {doc['notes']}; the seed {logged}. "
+        lines.append(f"- **{name}** (seed `{doc['source']}`): {doc['notes']}; the seed {logged}. "
                      f"Our reconstruction, not the seed's: {'; '.join(recon)}.")
     return lines
 

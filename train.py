@@ -12,12 +12,9 @@ Every file is written to a temp file and renamed, so a kill leaves the old or th
 """
 import argparse
 import csv
-import importlib.metadata
 import io
 import math
 import os
-import platform
-import sys
 import time
 from dataclasses import dataclass
 
@@ -27,7 +24,7 @@ import data
 import loop
 import models
 from common import (METRICS, UserError, check_at_least, check_out_dir, check_positive, ci95, ci_text,
-                    defer_sigint, device_name, get_device, git_commit, load_checkpoint, lock_run, make_checkpoint,
+                    defer_sigint, device_name, get_device, provenance, load_checkpoint, lock_run, make_checkpoint,
                     one_line_errors, remove_run, save_checkpoint, save_json, save_text, tmp_path, unlock_run)
 
 
@@ -345,9 +342,7 @@ def describe(r):
                 val_images=args.val, out=relative(r.out))
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     info.update(documented=r.recipe["documented"], reconstructed=r.recipe["reconstructed"], lr=args.lr,
-                subset=args.subset, threads=torch.get_num_threads(), python=platform.python_version(),
-                torch=torch.__version__, torchvision=importlib.metadata.version("torchvision"),
-                git_commit=git_commit(), command=" ".join([os.path.basename(sys.executable)] + sys.argv))
+                subset=args.subset, **provenance(r.device, torch.get_num_threads()))
     return info
 
 

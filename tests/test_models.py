@@ -92,7 +92,7 @@ def test_documented_curve_agrees_with_documented_figures(name):
 
 def seed_log(name):
     """The per-epoch test accuracy as the seed file prints it, {epoch (1-based): %}."""
-    text = open(os.path.join(SEEDS, models.RECIPES[name]["documented"]["seed"]), encoding="utf-8").read()
+    text = open(os.path.join(SEEDS, models.RECIPES[name]["documented"]["source"]), encoding="utf-8").read()
     if name == "bn_gap":    # "Epoch 14:  Test Accuracy 99.55%", counted from 0
         return {int(e) + 1: float(a) for e, a in re.findall(r"^Epoch (\d+)\s*:\s+Test Accuracy ([\d.]+)%", text, re.M)}
     if name == "gap10k":    # "| 16 | 99.10% | 99.38% ... | 0.0211 |", bold markers around some cells
