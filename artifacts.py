@@ -11,15 +11,13 @@ beside its outputs, or when the user passes --trust-code.
 """
 import contextlib
 import copy
-import fcntl
 import hashlib
 import io
 import json
 import os
 import stat
-import sys
-import zipfile
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,8 +26,9 @@ import torch.nn as nn
 
 import data
 import models
-from common import (UserError, find_checkpoint, first_line, json_text, load_checkpoint, read_json_dict, save_text,
-                    write_synced)
+from errors import UserError, first_line
+from fileio import json_text, lock, save_text, stderr_into, unlock, write_synced
+from runfiles import find_checkpoint, load_checkpoint
 
 # TorchScript is deprecated in favour of torch.export, but it is a format this project ships.
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarning)
@@ -113,7 +112,7 @@ def write_onnx(module, path, meta, opset):
     import onnx
     example = torch.rand(2, 1, 28, 28)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    with quiet_stderr():  # the exporter logs its fallbacks (tracebacks included) straight to stderr
+    with stderr_into():  # the exporter logs its fallbacks (tracebacks included) straight to stderr
         program = torch.onnx.export(module, (example,), dynamo=True, input_names=["image"],
                                     output_names=["log_probs"], dynamic_shapes={"image": {0: batch}},
                                     opset_version=opset, verbose=False)
@@ -124,22 +123,6 @@ def write_onnx(module, path, meta, opset):
     onnx.helper.set_model_props(proto, meta)
     onnx.checker.check_model(proto, full_check=True)
     write_synced(path, lambda f: f.write(proto.SerializeToString()))
-
-
-@contextlib.contextmanager
-def quiet_stderr():
-    """Silence file descriptor 2 (what libraries print and log) for the duration; our own errors are
-    raised, not printed, so nothing the user needs is lost."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "wb") as null:
-        os.dup2(null.fileno(), 2)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def write_torchscript(module, path, meta):
@@ -194,14 +177,12 @@ def sha256(blob):
 
 @contextlib.contextmanager
 def _manifest_lock(folder):
-    """Two export.py processes writing one folder take turns updating its manifest (a lock on the
-    folder itself, so no lock file is left behind)."""
-    fd = os.open(folder, os.O_RDONLY)
+    """Two export.py processes writing one folder take turns updating its manifest."""
+    held = lock(folder, name=None, wait=True)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        unlock(held)
 
 
 MAX_MANIFEST_BYTES = 1 << 20  # an entry is 200-500 bytes: thousands of files; anything larger is not one of ours
@@ -374,7 +355,7 @@ def _load_torch(fmt, path, blob):
     device = "cpu"
     if fmt in ("torchscript", "pt2"):
         extra = {"metadata.json": ""}  # both carry their metadata as this extra file (see the writers)
-        with quiet_stderr():  # a damaged archive makes torch log a warning with a traceback before it raises
+        with stderr_into():  # a damaged archive makes torch log a warning with a traceback before it raises
             if fmt == "torchscript":
                 module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra).eval()
             else:
@@ -383,7 +364,7 @@ def _load_torch(fmt, path, blob):
     else:
         from torch._inductor import aoti_load_package
         models.quiet_inductor()
-        with quiet_stderr():  # likewise ("Loading outdated pt2 file") before it raises
+        with stderr_into():  # likewise ("Loading outdated pt2 file") before it raises
             module = aoti_load_package(io.BytesIO(blob))  # these bytes, copied to a private temp file
         meta = module.get_metadata()
         device = meta.get("AOTI_DEVICE_KEY", "cpu")
@@ -496,7 +477,7 @@ def write_onnx_int8(module, path, meta, opset, calibration):
     with tempfile.TemporaryDirectory() as tmp:
         fp32, pre, q = (os.path.join(tmp, n) for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         write_onnx(module, fp32, meta, opset)
-        with quiet_stderr():   # the quantiser logs advice to pre-process (done) and per-node notes
+        with stderr_into():   # the quantiser logs advice to pre-process (done) and per-node notes
             quant_pre_process(fp32, pre)
             quantize_static(pre, q, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)

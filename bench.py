@@ -35,8 +35,11 @@ import artifacts
 import data
 import loop
 import models
-from common import (check_at_least, check_out_file, device_name, devices_present, first_line, get_device, provenance,
-                    load_checkpoint, make_checkpoint, one_line_errors, save_checkpoint, save_json)
+import whole_step
+from errors import check_at_least, first_line, one_line_errors
+from fileio import check_out_file, save_json
+from machine import device_name, devices_present, get_device, provenance
+from runfiles import load_checkpoint, make_checkpoint, save_checkpoint
 
 NOISY = 0.2  # a figure whose timed repeats spread by more than this share of their median is flagged
 
@@ -109,7 +112,7 @@ VARIANTS = {
     "channels_last+amp+fast_dropout+compile": ({"channels_last", "amp", "fast_dropout", "compile"}, ("cpu",)),
     "cudagraphs": ({"compile", "cudagraphs"}, ("cuda",)),
     "amp+cudagraphs": ({"amp", "compile", "cudagraphs"}, ("cuda",)),
-    "whole-step": ({"whole_step"}, ("cpu", "cuda", "mps")),  # loop.WholeStep: train.py --whole-step
+    "whole-step": ({"whole_step"}, ("cpu", "cuda", "mps")),  # whole_step.WholeStep: train.py --whole-step
     "amp+whole-step": ({"amp", "whole_step"}, ("cpu", "cuda", "mps")),
     "amp+fast_dropout+whole-step": ({"amp", "fast_dropout", "whole_step"}, ("cpu",)),
 }
@@ -153,7 +156,7 @@ def bench_train(name, device, images, labels, opts):
 
     def measure_whole_step(variant, on):
         model = models.build(recipe, device, fast_dropout="fast_dropout" in on)[0]
-        ws = loop.WholeStep(model, recipe, dev_x, dev_y, bs, 1000, amp="amp" in on)  # long schedule
+        ws = whole_step.WholeStep(model, recipe, dev_x, dev_y, bs, 1000, amp="amp" in on)  # long schedule
         rates, compile_s = [], None
         for r in range(opts.repeats + 1):  # the first pass compiles: its time is reported as compile_s
             done = []

@@ -16,7 +16,9 @@ import json
 
 import artifacts
 import data
-from common import UserError, ci95, ci_text, get_device, one_line_errors, paired, verdict
+from errors import UserError, one_line_errors
+from machine import get_device
+from stats import ci95, ci_text, paired, verdict
 
 
 def score(clf, images, labels):

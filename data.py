@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import UserError
+from errors import UserError
 
 MEAN, STD = 0.1307, 0.3081
 FILES = {

@@ -39,6 +39,7 @@ def open_image(source, max_pixels=None):
     (the caller names the file)."""
     import io
     import warnings
+
     from PIL import Image, ImageOps, UnidentifiedImageError
     raw = read_file(source) if isinstance(source, str) else source
     if not raw:

@@ -17,6 +17,7 @@ import os
 import sys
 
 import matplotlib
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -25,8 +26,11 @@ import torch  # noqa: E402
 import artifacts  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
-from common import (METRICS, UserError, check_keeps_inputs, check_out_dir, ci95, ci_text, find_checkpoint,  # noqa: E402
-                    get_device, is_number, json_text, one_line_errors, read_json_dict, read_metrics, replace_all)
+from errors import UserError, is_number, one_line_errors
+from fileio import check_keeps_inputs, check_out_dir, json_text, read_json_dict, replace_all
+from machine import get_device
+from runfiles import METRICS, find_checkpoint, read_metrics
+from stats import ci95, ci_text
 
 DIGITS = list(range(10))
 REPORT_FILES = ("report.json", "report.html", "confusion.png", "mistakes.png", "curves.png")  # what --out gets

@@ -21,8 +21,10 @@ import torch
 import artifacts
 import data
 import models
-from common import (UserError, check_keeps_inputs, check_out_dir, check_positive, find_checkpoint, first_line,
-                    get_device, load_checkpoint, one_line_errors, tmp_path)
+from errors import UserError, check_positive, first_line, one_line_errors
+from fileio import check_keeps_inputs, check_out_dir, tmp_path
+from machine import get_device
+from runfiles import find_checkpoint, load_checkpoint
 
 
 def verify(path, reference, images, labels, tolerance):

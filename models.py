@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from common import UserError, one_line_errors
+from errors import UserError, one_line_errors
 
 
 def block(cin, cout, k=3, pad=0, drop=0.0):
@@ -281,7 +281,7 @@ def summary(name):
 
 
 def from_checkpoint(ckpt):
-    """The eval-mode model (CPU) of a checkpoint dict that common.load_checkpoint validated."""
+    """The eval-mode model (CPU) of a checkpoint dict that runfiles.load_checkpoint validated."""
     model = build_model(ckpt["model_name"])
     try:
         model.load_state_dict(ckpt["model"])
@@ -354,7 +354,7 @@ def compile_model(model, cudagraphs=True, device=None, dynamic=False):
     """torch.compile(model) with static shapes (a short last batch gets its own graph instead of
     sending every later batch through a dynamic one); on CUDA with CUDA graphs (mode
     reduce-overhead) unless cudagraphs=False. Returns the compiled wrapper, which shares the
-    module's parameters and buffers. `model` may be any function (loop.WholeStep's step) given the
+    module's parameters and buffers. `model` may be any function (whole_step.WholeStep's step) given the
     `device` it runs on and the `dynamic` setting it wants."""
     torch._dynamo.reset()  # fresh caches: an earlier model's recompiles must not use up this one's limit
     quiet_inductor()

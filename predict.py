@@ -30,9 +30,14 @@ import torch
 from PIL import Image
 
 import artifacts
-import common
 import digit
+import errors
+import fileio
+import machine
 import models
+import runfiles
+import stats
+from errors import printable
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 BATCH = 256   # images read, classified and printed at a time: memory does not grow with the file count
@@ -44,13 +49,6 @@ ENDPOINTS = {"/": "GET", "/predict": "POST"}   # all the page's server answers
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "predict.html")
 
 
-def shown(text):
-    """A file name or request line safe to print on one line: bytes that are not UTF-8 as \\xff,
-    control characters (a newline in a file name, an escape sequence in a request) as \\x0a."""
-    text = os.fsencode(text).decode("utf-8", "backslashreplace") if isinstance(text, str) else str(text)
-    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: f"\\x{ord(m[0]):02x}", text)
-
-
 def load_classifier(args):
     """(classify: uint8 images [N, 28, 28] -> probabilities numpy [N, 10], info: model, test_acc, its 95%
     interval, source) of --artifact, --checkpoint or --model's checkpoint."""
@@ -59,12 +57,12 @@ def load_classifier(args):
     else:
         name = args.model or "bn_gap"
         models.get_recipe(name)
-        clf = artifacts.classifier(common.find_checkpoint(name, args.checkpoint), device=common.get_device(args.device),
+        clf = artifacts.classifier(runfiles.find_checkpoint(name, args.checkpoint), device=machine.get_device(args.device),
                                    model_name=args.model, kind="checkpoint")
     acc = clf.test_acc
     info = {"model": clf.model, "test_acc": None if acc is None else f"{acc:.2f}", "source": clf.source,
             "test_acc_ci95": None if acc is None or not args.serve   # the page shows it; scipy's import costs 1-2 s
-            else common.ci95(round(acc * 100), 10000)}  # scored on all 10,000
+            else stats.ci95(round(acc * 100), 10000)}  # scored on all 10,000
     return lambda x: clf(x).exp().numpy(), info
 
 
@@ -94,18 +92,18 @@ def image_files(paths):
     files, problems = [], []
     for p in paths:
         if os.path.isdir(p):
-            unreadable = lambda e: problems.append(f"{shown(e.filename)}: {e.strerror}")  # noqa: E731
+            unreadable = lambda e: problems.append(f"{printable(e.filename)}: {e.strerror}")  # noqa: E731
             found = sorted(os.path.join(d, f) for d, _, names in os.walk(p, onerror=unreadable) for f in names
                            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
             files += found
             if not found:
-                problems.append(f"{shown(p)}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
+                problems.append(f"{printable(p)}: no images in this folder ({', '.join(IMAGE_EXTENSIONS)})")
         elif os.path.exists(p):
             files.append(p)
         elif os.path.lexists(p):
-            problems.append(f"{shown(p)}: a symbolic link to nothing (or a loop of them)")
+            problems.append(f"{printable(p)}: a symbolic link to nothing (or a loop of them)")
         else:
-            problems.append(f"{shown(p)}: no such file or folder")
+            problems.append(f"{printable(p)}: no such file or folder")
     return files, problems
 
 
@@ -134,7 +132,7 @@ def run_files(args, classify):
         print(f"error: {p}", file=sys.stderr)
     saved = saved_names(args.save_preprocessed, files) if args.save_preprocessed else [None] * len(files)
     if args.save_preprocessed:   # before any work: an output never replaces an input
-        common.check_keeps_inputs(saved, files, "--save-preprocessed")
+        fileio.check_keeps_inputs(saved, files, "--save-preprocessed")
     answered = 0
     for start in range(0, len(files), BATCH):
         names, images = [], []
@@ -142,21 +140,21 @@ def run_files(args, classify):
             try:
                 images.append(digit.to_mnist(digit.open_image(f)))
                 names.append((f, out))
-            except (common.UserError, OSError) as e:
+            except (errors.UserError, OSError) as e:
                 problems.append(f)
-                print(f"error: {shown(f)}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+                print(f"error: {printable(f)}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         if not images:
             continue
         for (f, out), image, probs in zip(names, images, classify(torch.stack(images))):
             r = answer(f, probs)
             if out:
-                common.atomic_write(out, lambda fh, b=png(image): fh.write(b))
+                fileio.atomic_write(out, lambda fh, b=png(image): fh.write(b))
                 r["preprocessed"] = out
             if args.json:   # the list json.dumps(results, indent=1) prints, one item at a time
                 print("[\n" if not answered else ",\n", end="")
                 print(" " + json.dumps(r, indent=1).replace("\n", "\n "), end="")
             else:
-                print(top_line(dict(r, file=shown(f)), args.top) + (f"   -> {shown(out)}" if out else ""))
+                print(top_line(dict(r, file=printable(f)), args.top) + (f"   -> {printable(out)}" if out else ""))
             answered += 1
         sys.stdout.flush()
     if args.json:
@@ -235,7 +233,7 @@ def make_server(host, port, classify, info, request_seconds=REQUEST_SECONDS, max
         def send_error(self, code, message=None, explain=None):
             """http.server's own refusals (request line, headers, method, version) as one-line JSON."""
             if code == HTTPStatus.NOT_IMPLEMENTED:
-                code, message = 405, f"{shown(self.command)[:20]} is not a method here: GET / for the page, POST /predict for an image"
+                code, message = 405, f"{printable(self.command)[:20]} is not a method here: GET / for the page, POST /predict for an image"
             elif code >= 500:   # 505: an HTTP version other than 1.x
                 code = 400
             self.refuse(code, message or HTTPStatus(code).phrase)
@@ -247,9 +245,9 @@ def make_server(host, port, classify, info, request_seconds=REQUEST_SECONDS, max
             if self.request_version == "HTTP/0.9":
                 return 400, "HTTP/0.9 is not spoken here: use HTTP/1.0 or 1.1"
             if loopback and where is not None and where.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
-                return 403, f"this page answers requests for 127.0.0.1 or localhost only, not {shown(where)[:100]}"
+                return 403, f"this page answers requests for 127.0.0.1 or localhost only, not {printable(where)[:100]}"
             if path not in ENDPOINTS:
-                return 404, f"no such page {shown(self.path)[:100]}: GET / is the page, POST /predict takes an image"
+                return 404, f"no such page {printable(self.path)[:100]}: GET / is the page, POST /predict takes an image"
             if query:
                 return 400, f"{path} takes no query string"
             if self.command != ENDPOINTS[path]:
@@ -271,7 +269,7 @@ def make_server(host, port, classify, info, request_seconds=REQUEST_SECONDS, max
             if not size:
                 return self.refuse(411, "send the image as the body, with a Content-Length")
             if len(set(size)) > 1 or not re.fullmatch(r"[0-9]{1,12}", size[0].strip()):
-                return self.refuse(400, f"Content-Length must be one whole number of bytes, not {shown(', '.join(size))[:40]}")
+                return self.refuse(400, f"Content-Length must be one whole number of bytes, not {printable(', '.join(size))[:40]}")
             size = int(size[0])
             if size > MAX_BODY:
                 return self.refuse(413, f"the image is over {MAX_BODY // 2 ** 20} MB; send a smaller one")
@@ -285,13 +283,13 @@ def make_server(host, port, classify, info, request_seconds=REQUEST_SECONDS, max
                 with lock:   # one image at a time: memory is one decode's, whatever the clients send
                     image = digit.to_mnist(digit.open_image(body, MAX_PIXELS))
                     r = answer("upload", classify(image[None])[0])
-            except common.UserError as e:
+            except errors.UserError as e:
                 return self.refuse(400, f"request body: {e}")
             r.update(info, image="data:image/png;base64," + base64.b64encode(png(image)).decode())
             self.reply(200, r)
 
         def log_message(self, fmt, *a):
-            sys.stderr.write(shown(f"{self.address_string()} {fmt % a}") + "\n")   # one write: threads' lines never mix
+            sys.stderr.write(printable(f"{self.address_string()} {fmt % a}") + "\n")   # one write: threads' lines never mix
 
     class Server(ThreadingHTTPServer):
         """At most max_clients handler threads; a connection beyond them gets 503 at once."""
@@ -324,7 +322,7 @@ def make_server(host, port, classify, info, request_seconds=REQUEST_SECONDS, max
             e = sys.exc_info()[1]
             if not isinstance(e, OSError):
                 return super().handle_error(request, client_address)
-            sys.stderr.write(shown(f"{client_address[0]} connection lost: {e.strerror or e}") + "\n")
+            sys.stderr.write(printable(f"{client_address[0]} connection lost: {e.strerror or e}") + "\n")
 
     return Server((host, port), Handler)
 
@@ -353,18 +351,18 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     failed = 0
-    with common.one_line_errors():
+    with errors.one_line_errors():
         if not 1 <= args.top <= 10:
-            raise common.UserError(f"--top must be 1 to 10, not {args.top}")
+            raise errors.UserError(f"--top must be 1 to 10, not {args.top}")
         if not args.serve and not args.inputs:
-            raise common.UserError("name at least one image or folder, or start the page with --serve")
+            raise errors.UserError("name at least one image or folder, or start the page with --serve")
         if not 0 <= args.port <= 65535:
-            raise common.UserError(f"--port must be 0 to 65535, not {args.port}")
-        common.check_positive(args, "request_timeout")
+            raise errors.UserError(f"--port must be 0 to 65535, not {args.port}")
+        errors.check_positive(args, "request_timeout")
         if args.save_preprocessed and os.path.exists(args.save_preprocessed) and not os.path.isdir(args.save_preprocessed):
-            raise common.UserError(f"--save-preprocessed {args.save_preprocessed} is a file; give a folder")
+            raise errors.UserError(f"--save-preprocessed {args.save_preprocessed} is a file; give a folder")
         if args.save_preprocessed:
-            common.check_out_dir(args.save_preprocessed, "--save-preprocessed")
+            fileio.check_out_dir(args.save_preprocessed, "--save-preprocessed")
         classify, info = load_classifier(args)
         if args.serve:
             server = make_server(args.host, args.port, classify, info, args.request_timeout)

@@ -34,9 +34,13 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 
-import common
 import data
+import errors
+import fileio
+import machine
 import models
+import runfiles
+import stats
 import sweep
 import train
 
@@ -56,8 +60,8 @@ def run_dir(name, seed):
 def finished(folder, epochs):
     """A run folder's summary.json if its run finished all `epochs`, else None (none yet, or unreadable)."""
     try:
-        s = common.read_json_dict(os.path.join(folder, "summary.json"))
-    except common.UserError:
+        s = fileio.read_json_dict(os.path.join(folder, "summary.json"))
+    except errors.UserError:
         return None
     return s if s.get("epochs_done") == epochs else None
 
@@ -74,7 +78,7 @@ def collect(name):
     runs = []
     for seed in seeds:
         s = finished(run_dir(name, seed), epochs)
-        rows = common.read_metrics(run_dir(name, seed)) if s else []
+        rows = runfiles.read_metrics(run_dir(name, seed)) if s else []
         if len(rows) != epochs:  # still training, or not a whole run
             continue
         s["seed"] = seed
@@ -140,16 +144,16 @@ def honest_table(results):
     for name, runs in results.items():
         doc = models.RECIPES[name]["documented"]["best_test_acc"]
         bests = [r["best_test_acc"] for r in runs]
-        chosen = [r["val_chosen_test_acc"] for r in runs if common.is_number(r.get("val_chosen_test_acc"))]
-        ci = common.mean_ci95(bests)
+        chosen = [r["val_chosen_test_acc"] for r in runs if errors.is_number(r.get("val_chosen_test_acc"))]
+        ci = stats.mean_ci95(bests)
         inside = "n=1: no interval" if ci is None else "yes" if ci[0] <= doc <= ci[1] else \
             f"no: {'above' if doc > ci[1] else 'below'} it"
         if name == TRAIN_SET_FIGURE:
             inside = "not comparable: the seed's figure is on the training set"
-        honest = f"{mean_std(chosen)}{interval(common.mean_ci95(chosen))}" if chosen else "no run with --val"
+        honest = f"{mean_std(chosen)}{interval(stats.mean_ci95(chosen))}" if chosen else "no run with --val"
         if chosen and len(chosen) < len(runs):
             honest += f"; {len(runs) - len(chosen)} run(s) without --val"
-        lines.append(f"| {name} | {doc:.2f}%{interval(common.ci95(round(doc * 100), 10000))} | "
+        lines.append(f"| {name} | {doc:.2f}%{interval(stats.ci95(round(doc * 100), 10000))} | "
                      f"{mean_std(bests)}{interval(ci)} | {inside} | {honest} |")
     return lines
 
@@ -161,36 +165,36 @@ def paired_shipped(results, data_dir, device):
     report, or None with fewer than two recipes."""
     def figure(runs):
         chosen = [r.get("val_chosen_test_acc") for r in runs]
-        return statistics.mean(chosen if all(common.is_number(c) for c in chosen) else
+        return statistics.mean(chosen if all(errors.is_number(c) for c in chosen) else
                                [r["best_test_acc"] for r in runs])
     top = sorted(results, key=lambda n: -figure(results[n]))[:2]
     if len(top) < 2:
         return None
     x, y = data.load("test", data_dir)
-    right = [models.log_probs(models.from_checkpoint(common.load_checkpoint(os.path.join("pretrained", n + ".pt")))
+    right = [models.log_probs(models.from_checkpoint(runfiles.load_checkpoint(os.path.join("pretrained", n + ".pt")))
                               .to(device), x).argmax(1) == y for n in top]
-    t = common.paired(*right)
+    t = stats.paired(*right)
     accs = [100 * int(r.sum()) / len(y) for r in right]
     return (f"The two recipes with the highest mean figure, {top[0]} and {top[1]}: their shipped checkpoints "
             f"(`pretrained/`) score {accs[0]:.2f}% and {accs[1]:.2f}% on the same 10,000 test images; only "
             f"{top[0]} is wrong on {t['only_a_wrong']} of them, only {top[1]} on {t['only_b_wrong']}, both on "
-            f"{t['both_wrong']}: {common.verdict(t, top[0], top[1])} (`python compare.py pretrained/{top[0]}.pt "
+            f"{t['both_wrong']}: {stats.verdict(t, top[0], top[1])} (`python compare.py pretrained/{top[0]}.pt "
             f"pretrained/{top[1]}.pt`).")
 
 
 @torch.no_grad()
 def train_set_accuracy(ckpt_path, data_dir, device):
     """Accuracy on the 60,000 training images (no augmentation): what seed 001 called its test set."""
-    model = models.from_checkpoint(common.load_checkpoint(ckpt_path)).to(device)
+    model = models.from_checkpoint(runfiles.load_checkpoint(ckpt_path)).to(device)
     x, y = data.load("train", data_dir)
     return models.score(models.log_probs(model, x), y)[2]
 
 
 def publish_pretrained(name, seed):
-    ckpt = common.load_checkpoint(os.path.join(run_dir(name, seed), "best.pt"))
+    ckpt = runfiles.load_checkpoint(os.path.join(run_dir(name, seed), "best.pt"))
     os.makedirs("pretrained", exist_ok=True)
-    keep = common.make_checkpoint(ckpt["model_name"], ckpt["model"], ckpt["epoch"], ckpt["test_acc"], ckpt["params"])
-    common.save_checkpoint(keep, os.path.join("pretrained", name + ".pt"))
+    keep = runfiles.make_checkpoint(ckpt["model_name"], ckpt["model"], ckpt["epoch"], ckpt["test_acc"], ckpt["params"])
+    runfiles.save_checkpoint(keep, os.path.join("pretrained", name + ".pt"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,14 +205,14 @@ def bench_latency(path=BENCH):
     records}; the committed one is bench-cpu.json), and a line naming that source (its CPU, commit and
     date); ({}, None) if the file is missing, unreadable or holds no such record."""
     try:
-        bench = common.read_json_dict(path)
-    except common.UserError:
+        bench = fileio.read_json_dict(path)
+    except errors.UserError:
         return {}, None
     records, env = bench.get("records"), bench.get("environment")
     if not isinstance(records, list) or not isinstance(env, dict):
         return {}, None
     latency = {r["model"]: r["value"] for r in records
-               if isinstance(r, dict) and isinstance(r.get("model"), str) and common.is_number(r.get("value"))
+               if isinstance(r, dict) and isinstance(r.get("model"), str) and errors.is_number(r.get("value"))
                and (r.get("task"), r.get("device"), r.get("backend"), r.get("threads"), r.get("metric"))
                == ("infer", "cpu", "onnxruntime", 1, "p50_ms")}
     if not latency:
@@ -253,7 +257,7 @@ def _save(fig, path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    common.atomic_write(path, lambda f: f.write(buf.getvalue()))
+    fileio.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 def _band(runs):
@@ -558,9 +562,9 @@ def honest_text(results, paired_line):
     """The generated paragraph on what is and is not distinguishable."""
     means = [statistics.mean(r["best_test_acc"] for r in runs) for runs in results.values()]
     typical = max(means)
-    lo, hi = common.ci95(round(typical * 100), 10000)
+    lo, hi = stats.ci95(round(typical * 100), 10000)
     outside = [n for n, runs in results.items()
-               if (ci := common.mean_ci95([r["best_test_acc"] for r in runs])) is not None
+               if (ci := stats.mean_ci95([r["best_test_acc"] for r in runs])) is not None
                and not ci[0] <= models.RECIPES[n]["documented"]["best_test_acc"] <= ci[1] and n != TRAIN_SET_FIGURE]
     single = [n for n, runs in results.items() if len(runs) < 2]
     text = [f"One checkpoint's accuracy near {typical:.2f}% on 10,000 test images has a 95% Wilson interval of "
@@ -624,7 +628,7 @@ def write_report(results, extra, latency_source, path=REPORT, honest=()):
               f"Trade-off chart: latency from {latency_source or f'nowhere (no {BENCH})'}; "
               "training seconds per epoch from these runs' metrics.csv.", ""]
     lines += ["## Notes from the registry", "", *registry_notes(results), "", hand_written(path).rstrip("\n")]
-    common.save_text("\n".join(lines) + "\n", path)
+    fileio.save_text("\n".join(lines) + "\n", path)
 
 
 def make_figures(results, train_accs):
@@ -661,15 +665,15 @@ def grid_flags():
 def grid_value(flag, action, text):
     if action.nargs == 0:  # a switch such as --amp: on or off
         if text.lower() not in SWITCH:
-            raise common.UserError(f"--set {flag}: '{text}' is not on or off")
+            raise errors.UserError(f"--set {flag}: '{text}' is not on or off")
         return SWITCH[text.lower()]
     try:
         value = (action.type or str)(text)
     except ValueError:
-        raise common.UserError(f"--set {flag}: '{text}' is not {'an integer' if action.type is int else 'a number'}") \
+        raise errors.UserError(f"--set {flag}: '{text}' is not {'an integer' if action.type is int else 'a number'}") \
             from None
     if action.choices and value not in action.choices:
-        raise common.UserError(f"--set {flag}: '{text}' is not one of {', '.join(action.choices)}")
+        raise errors.UserError(f"--set {flag}: '{text}' is not one of {', '.join(action.choices)}")
     return value
 
 
@@ -680,12 +684,12 @@ def parse_grid(lrs, sets):
         key, eq, values = item.partition("=")
         dest = key.strip().lstrip("-").replace("-", "_")
         if not eq or not values.strip(","):
-            raise common.UserError(f"--set takes KEY=V1,V2,... (a train.py flag and its values), got '{item}'")
+            raise errors.UserError(f"--set takes KEY=V1,V2,... (a train.py flag and its values), got '{item}'")
         if dest not in flags:
-            raise common.UserError(f"--set {key}: not a train.py flag a sweep can vary; choose from "
+            raise errors.UserError(f"--set {key}: not a train.py flag a sweep can vary; choose from "
                                    f"{', '.join(sorted(d.replace('_', '-') for d in flags))}")
         if dest in grid:
-            raise common.UserError(f"--set {key} is given twice (--lr is --set lr=...)")
+            raise errors.UserError(f"--set {key} is given twice (--lr is --set lr=...)")
         grid[dest] = [grid_value(key, flags[dest], v.strip()) for v in values.split(",") if v.strip()]
     return dict(sorted(grid.items()))
 
@@ -732,17 +736,17 @@ def executor_options(args, device):
     for local, {parallel, partition, time_s, gpus, cpus} for slurm, {} inline."""
     slurm = [f for f in ("slurm_partition", "slurm_time", "slurm_gpus", "slurm_cpus") if getattr(args, f) is not None]
     if args.executor != "slurm" and slurm:
-        raise common.UserError(f"--{slurm[0].replace('_', '-')} is for --executor slurm")
+        raise errors.UserError(f"--{slurm[0].replace('_', '-')} is for --executor slurm")
     if args.executor == "inline":
         if args.parallel is not None or args.job_timeout is not None:
-            raise common.UserError("--parallel and --job-timeout are for --executor local or slurm; inline trains "
+            raise errors.UserError("--parallel and --job-timeout are for --executor local or slurm; inline trains "
                                    "one run after another in this process")
         return {}
-    common.check_at_least(args, 1, "parallel", "slurm_cpus")
-    common.check_at_least(args, 0, "slurm_gpus")
+    errors.check_at_least(args, 1, "parallel", "slurm_cpus")
+    errors.check_at_least(args, 0, "slurm_gpus")
     if args.executor == "slurm":
         if args.job_timeout is not None:
-            raise common.UserError("--job-timeout is for --executor local; a Slurm job's limit is --slurm-time")
+            raise errors.UserError("--job-timeout is for --executor local; a Slurm job's limit is --slurm-time")
         time_s = sweep.parse_time(args.slurm_time or "1:00:00", "--slurm-time")
         sweep.check_slurm()
         return dict(parallel=args.parallel, partition=args.slurm_partition, time_s=time_s,
@@ -752,7 +756,7 @@ def executor_options(args, device):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parallel = args.parallel or len(gpus) or 1
     if gpus and parallel > len(gpus):
-        raise common.UserError(f"--parallel {parallel}: each job gets a GPU of its own and this machine shows "
+        raise errors.UserError(f"--parallel {parallel}: each job gets a GPU of its own and this machine shows "
                                f"{len(gpus)}; use --parallel {len(gpus)} at most, or --device cpu")
     return dict(parallel=parallel, gpus=gpus, threads=max(1, cpus // parallel), timeout_s=timeout_s)
 
@@ -774,16 +778,16 @@ def train_all(args, tasks, options):
     for t in failed:
         print("failed: " + t.failure, file=sys.stderr)
     if failed:
-        raise common.UserError(f"{len(failed)} of {len(tasks)} runs failed (listed above); the others are kept: run "
+        raise errors.UserError(f"{len(failed)} of {len(tasks)} runs failed (listed above); the others are kept: run "
                                "the same command again to retry the failed runs and resume the unfinished ones")
 
 
 def grid_table(tasks):
     """A grid's outcome, one line per run: its best test accuracy (and the one chosen on validation)."""
     for t in tasks:
-        s = common.read_json_dict(os.path.join(t.out, "summary.json"))
+        s = fileio.read_json_dict(os.path.join(t.out, "summary.json"))
         chosen = (f", chosen on validation {s['val_chosen_test_acc']:.2f}% (epoch {s['val_chosen_epoch']})"
-                  if common.is_number(s.get("val_chosen_test_acc")) else "")
+                  if errors.is_number(s.get("val_chosen_test_acc")) else "")
         print(f"{t.label}: best test accuracy {s['best_test_acc']:.2f}% (epoch {s['best_epoch']}){chosen}; {t.out}")
 
 
@@ -832,19 +836,19 @@ def main(argv=None):
     g.add_argument("--slurm-cpus", type=int, metavar="N",
                    help="slurm: CPUs per job, also its torch threads (default 4)")
     args = p.parse_args(argv)
-    with common.one_line_errors("interrupted: finished runs are kept, running jobs cancelled; run the same command "
+    with errors.one_line_errors("interrupted: finished runs are kept, running jobs cancelled; run the same command "
                                 "again to go on"):
         for name in args.models:
             models.get_recipe(name)
         if args.no_train and (args.seeds or args.lr or args.set or args.executor != "inline"):
-            raise common.UserError("--seeds, --lr, --set and --executor say what to train; with --no-train nothing "
+            raise errors.UserError("--seeds, --lr, --set and --executor say what to train; with --no-train nothing "
                                    "is trained")
-        common.check_at_least(args, 1, "seeds")
+        errors.check_at_least(args, 1, "seeds")
         grid = parse_grid(args.lr, args.set)
         if args.executor == "slurm" and args.device not in ("auto", "cpu", "cuda"):
-            raise common.UserError(f"--executor slurm trains on auto, cpu or cuda, not '{args.device}'")
+            raise errors.UserError(f"--executor slurm trains on auto, cpu or cuda, not '{args.device}'")
         # with Slurm the jobs find their own device; this process only writes the report, on the CPU
-        device = common.get_device("cpu" if args.executor == "slurm" else args.device)
+        device = machine.get_device("cpu" if args.executor == "slurm" else args.device)
         options = executor_options(args, device)
         gpu_jobs = device.type == "cuda" or (args.executor == "slurm" and args.slurm_gpus != 0)
         seeds = args.seeds or (3 if gpu_jobs else 1)
@@ -852,7 +856,7 @@ def main(argv=None):
         if not args.no_train:
             threads = options.get("threads") or options.get("cpus") or torch.get_num_threads()
             plan(args, seeds, grid, threads)  # every run's arguments checked before runs/ is touched
-            sweep.lock_runs(RUNS)  # held to the end: a second reproduce.py training here is refused
+            fileio.lock(RUNS, ".sweep.lock", "another reproduce.py that trains into it; wait for it to end or stop it (Ctrl-C) first")  # held to the end
             tasks = plan(args, seeds, grid, threads, absolute=args.executor != "inline")  # on disk, now locked
             todo = [t for t in tasks if t.summary is None]
             if args.executor != "inline":
@@ -870,7 +874,7 @@ def main(argv=None):
             else:
                 skipped.append(name)
         if not results:
-            raise common.UserError(f"no finished seed-1 run in {RUNS}/ for {', '.join(args.models)}; "
+            raise errors.UserError(f"no finished seed-1 run in {RUNS}/ for {', '.join(args.models)}; "
                                    f"run reproduce.py without --no-train first")
         for name in results:
             publish_pretrained(name, 1)

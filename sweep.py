@@ -5,7 +5,6 @@ logs go to runs/reproduce/jobs/. Failed jobs are reported one line each at the e
 the others; Ctrl-C cancels the jobs this process started.
 """
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -13,11 +12,10 @@ import shutil
 import sys
 import time
 
-import submitit
-from submitit.core.utils import FailedJobError, UncompletedJobError
 from tqdm import tqdm
 
-from common import UserError, error_line, first_line
+from errors import UserError, error_line, first_line
+from fileio import stderr_into
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_LIMIT_S = 365 * 24 * 3600  # submitit's local jobs always have a time limit: without --job-timeout, a year
@@ -86,24 +84,6 @@ def check_slurm():
                         "cluster's login node, or use --executor local")
 
 
-def lock_runs(folder):
-    """Hold `folder` (runs/reproduce) for this process's life, so a second reproduce.py that would train
-    into it is refused before it starts anything (released on any exit, kill -9 included)."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, ".sweep.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise UserError(f"{folder} is in use by another reproduce.py (pid {pid}) that trains into it; wait for "
-                        "it to end or stop it (Ctrl-C) first") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-
 # --------------------------------------------------------------------------------- running
 
 class Task:
@@ -114,22 +94,6 @@ class Task:
         self.job = self.started = self.slot = None
         self.failure = None  # the one line saying why, once it failed
         self.ended = False
-
-
-@contextlib.contextmanager
-def stderr_into(path):
-    """Processes started inside get `path` as their stderr: submitit's local controller prints a
-    traceback when Ctrl-C reaches it, which belongs in a log, not on the user's terminal."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 2)
-    os.close(fd)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def prepare(log_dir):
@@ -145,6 +109,8 @@ def prepare(log_dir):
 
 def failure(task, timeout_s):
     """Why a finished job did not train its run, in one line; None if it did."""
+    import submitit
+    from submitit.core.utils import FailedJobError, UncompletedJobError
     j = task.job
     log = os.path.relpath(j.paths.stdout)
     timed_out = timeout_s and time.time() - task.started >= timeout_s - 1
@@ -197,6 +163,7 @@ def wait_cancelled(tasks, seconds=15):
 def run_local(tasks, log_dir, parallel, gpus, threads, timeout_s):
     """Every task as a job of submitit's LocalExecutor, at most `parallel` at once; each gets a GPU of
     its own from `gpus` (CUDA_VISIBLE_DEVICES), or `threads` CPU threads where there are none."""
+    import submitit  # only sweeps need it (the GPU image has none)
     prepare(log_dir)
     ex = submitit.LocalExecutor(folder=log_dir)
     ex.update_parameters(timeout_min=(timeout_s or NO_LIMIT_S) / 60, signal_delay_s=0, stderr_to_stdout=True)
@@ -228,6 +195,7 @@ def run_local(tasks, log_dir, parallel, gpus, threads, timeout_s):
 
 def run_slurm(tasks, log_dir, parallel, partition, time_s, gpus, cpus):
     """Every task as one task of a Slurm job array (sbatch), at most `parallel` running at once."""
+    import submitit
     prepare(log_dir)
     ex = submitit.SlurmExecutor(folder=log_dir)
     ex.update_parameters(time=max(1, -(-time_s // 60)), gpus_per_node=gpus, cpus_per_task=cpus, ntasks_per_node=1,

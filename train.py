@@ -23,10 +23,12 @@ import torch
 import data
 import loop
 import models
-from common import (METRICS, UserError, check_at_least, check_out_dir, check_positive, ci95, ci_text,
-                    defer_sigint, device_name, get_device, provenance, load_checkpoint, lock_run, make_checkpoint,
-                    one_line_errors, remove_run, save_checkpoint, save_json, save_text, tmp_path, unlock_run)
-
+import whole_step
+from errors import UserError, check_at_least, check_positive, one_line_errors
+from fileio import check_out_dir, defer_sigint, lock, save_json, save_text, tmp_path, unlock
+from machine import device_name, get_device, provenance
+from runfiles import METRICS, load_checkpoint, make_checkpoint, remove_run, save_checkpoint
+from stats import ci95, ci_text
 
 # ------------------------------------------------------------------------ the epoch's batches
 
@@ -73,7 +75,7 @@ def parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the model, with CUDA graphs on CUDA (off by "
                    "default; see BENCHMARKS.md for when it pays)")
     p.add_argument("--whole-step", action="store_true", help="torch.compile the whole training step (batch, "
-                   "augmentation, forward, backward, update, schedule, figures: loop.WholeStep), with CUDA graphs "
+                   "augmentation, forward, backward, update, schedule, figures: whole_step.WholeStep), with CUDA graphs "
                    "on CUDA; drops each epoch's short last batch (off by default; see BENCHMARKS.md)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue a run from its last.pt (default RUN_DIR: runs/<model>/latest) with the settings "
@@ -150,11 +152,11 @@ def prepare_out(args):
         out = args.out or os.path.join("runs", args.model, time.strftime("%Y%m%d-%H%M%S"))
         created = not os.path.exists(out)
         check_out_dir(out, "output")
-    lock = lock_run(out)
+    held = lock(out)
     if not args.resume and os.path.exists(os.path.join(out, "last.pt")):
-        unlock_run(lock)
+        unlock(held)
         raise UserError(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    return out, created, lock
+    return out, created, held
 
 
 def point_latest(args, out):
@@ -212,7 +214,7 @@ def restore(ckpt, model, optimizer, scheduler, device, gen, out):
 def run(args):
     """Train as `args` says; returns the summary dict. Raises UserError (Diverged included)."""
     check_args(args)
-    out, created, lock = prepare_out(args)
+    out, created, held = prepare_out(args)
     try:
         return train(args, out)
     except BaseException:
@@ -220,7 +222,7 @@ def run(args):
             remove_run(out)  # failed before its first epoch: leave nothing behind
         raise
     finally:
-        unlock_run(lock)
+        unlock(held)
 
 
 @dataclass
@@ -239,7 +241,7 @@ class Run:
     model: torch.nn.Module
     trainer: loop.Trainer
     steps: int
-    whole_step: loop.WholeStep = None  # with --whole-step: the compiled step, which trains instead of trainer
+    whole_step: "whole_step.WholeStep" = None  # with --whole-step: the compiled step, which trains instead of trainer
 
 
 def train(args, out):
@@ -285,7 +287,7 @@ def start(args, out):
     train_set, val_set, test_set = load_sets(args, device)
     model, net = models.build(recipe, device, args.channels_last, args.fast_dropout, args.compile)
     if getattr(args, "whole_step", False):
-        ws = loop.WholeStep(model, recipe, *train_set, args.batch_size, args.epochs, args.lr, args.amp)
+        ws = whole_step.WholeStep(model, recipe, *train_set, args.batch_size, args.epochs, args.lr, args.amp)
         trainer = loop.Trainer(model, ws.optimizer, amp=args.amp)  # the schedule is ws's table
         return Run(args, recipe, out, device, gen, train_set, val_set, test_set, model, trainer, ws.steps, ws)
     optimizer = models.build_optimizer(recipe, model, args.lr)

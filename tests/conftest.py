@@ -221,14 +221,14 @@ def gap10k_run(tmp_path_factory, mnist_dir):
 def pretrained_log_probs(mnist_dir):
     """name -> models.log_probs of the committed pretrained/<name>.pt on the 10,000 test images, each
     computed once: test_pretrained scores them, test_compare checks compare.py against them."""
-    import common
     import data
     import models
+    import runfiles
     images, cache = data.load("test", mnist_dir)[0], {}
 
     def get(name):
         if name not in cache:
-            ckpt = common.load_checkpoint(os.path.join(ROOT, "pretrained", name + ".pt"))
+            ckpt = runfiles.load_checkpoint(os.path.join(ROOT, "pretrained", name + ".pt"))
             cache[name] = models.log_probs(models.from_checkpoint(ckpt), images)
         return cache[name]
     return get
@@ -243,10 +243,10 @@ def exports(trained, mnist_dir, tmp_path_factory):
     tests only. Returns (folder, checkpoint, {format: (path, figures)}); tests copy files out, never
     change them."""
     import artifacts
-    import common
     import export
+    import runfiles
     out = tmp_path_factory.mktemp("exports")
-    ckpt = common.load_checkpoint(str(trained / "best.pt"))
+    ckpt = runfiles.load_checkpoint(str(trained / "best.pt"))
     src = export.source(ckpt, mnist_dir)
     fp32 = [fmt for fmt in artifacts.FORMATS if fmt not in ("onnx-int8", "aoti")]
     figures = {fmt: export.export_verified(src, fmt, str(out), 18, 1e-4) for fmt in fp32}
@@ -260,9 +260,9 @@ def aoti_package(trained, mnist_dir, tmp_path_factory):
     Returns (path, checkpoint, figures). Its C++ compile is the most expensive single step of the
     suite (about 20 s of CPU), so only tests marked slow use it: pytest -m slow (.ci/run runs them
     after make test's suite)."""
-    import common
     import export
+    import runfiles
     out = tmp_path_factory.mktemp("aoti")
-    ckpt = common.load_checkpoint(str(trained / "best.pt"))
+    ckpt = runfiles.load_checkpoint(str(trained / "best.pt"))
     path, figures = export.export(ckpt, "aoti", str(out), 18, mnist_dir, 1e-4)
     return path, ckpt, figures

@@ -97,7 +97,7 @@ for line in sys.stdin:
 # what the server imports before it forks: the scripts and the modules they import when they run
 # (torch._inductor.config: torch.use_deterministic_algorithms, in every train.py run; scipy.stats: the
 # 95% intervals every epoch and report prints; sklearn.metrics: evaluate.py's report)
-MODULES = ["torch", "torch._inductor.config", "numpy", "scipy.stats", "onnx", "onnxruntime", "sklearn.metrics", "common",
+MODULES = ["torch", "torch._inductor.config", "numpy", "scipy.stats", "onnx", "onnxruntime", "sklearn.metrics", "errors", "fileio", "machine", "runfiles", "stats",
            "data", "digit", "models", "loop", "artifacts", "train", "evaluate", "export", "bench", "predict", "compare"]
 
 

@@ -9,10 +9,11 @@ import onnxruntime as ort
 import pytest
 
 import artifacts
-import common
 import compare
 import data
 import models
+import runfiles
+import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,7 +65,7 @@ def test_two_exports_match_onnxruntime_itself(exports, mnist_dir, tmp_path, caps
     """bn_fc's verified .onnx from the session against gap10k's pretrained weights written as ONNX here;
     the independent side runs both files in fresh onnxruntime sessions."""
     out, _, figures = exports
-    ckpt = common.load_checkpoint(os.path.join(ROOT, "pretrained", "gap10k.pt"))
+    ckpt = runfiles.load_checkpoint(os.path.join(ROOT, "pretrained", "gap10k.pt"))
     other = str(tmp_path / "gap10k.onnx")
     artifacts.write_onnx(artifacts.Exportable(models.from_checkpoint(ckpt)).eval(), other, artifacts.metadata(ckpt), 18)
     got = run_json(capsys, figures["onnx"][0], other, "--data-dir", mnist_dir)
@@ -89,11 +90,11 @@ def test_paired_and_verdict_on_a_hand_case():
     # 20 images: both right on 10, only A wrong on 8, only B wrong on 1, both wrong on 1
     a = [True] * 10 + [False] * 8 + [True] + [False]
     b = [True] * 10 + [True] * 8 + [False] + [False]
-    t = common.paired(a, b)
+    t = stats.paired(a, b)
     assert (t["both_right"], t["only_a_wrong"], t["only_b_wrong"], t["both_wrong"]) == (10, 8, 1, 1)
     assert t["mcnemar_p"] == pytest.approx(2 * (1 + 9) / 2 ** 9)        # P(X <= 1 | n=9, 1/2), two-sided
-    assert common.verdict(t).startswith("B is better than A at the 5% level")
-    assert common.verdict(common.paired(b, a)).startswith("A is better than B at the 5% level")
+    assert stats.verdict(t).startswith("B is better than A at the 5% level")
+    assert stats.verdict(stats.paired(b, a)).startswith("A is better than B at the 5% level")
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -9,13 +9,14 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 import artifacts
-import common
 import data
 import loop
+import machine
 import models
+import runfiles
 import train
 
-DEVICES = common.devices_present()
+DEVICES = machine.devices_present()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -51,7 +52,7 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path, mnist_dir, device, mo
     monkeypatch.setattr(loop, "train_epoch", real)
     train.run(train.parse_args(["--resume", str(tmp_path / "c"), "--data-dir", mnist_dir, "--no-progress"]))
     cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]
-    rows = [[[r[k] for k in cols] for r in common.read_metrics(str(f))] for f in (a, tmp_path / "c")]
+    rows = [[[r[k] for k in cols] for r in runfiles.read_metrics(str(f))] for f in (a, tmp_path / "c")]
     assert len(rows[0]) == 2 and rows[0] == rows[1]
     wa, wc = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, tmp_path / "c"))
     assert all(torch.equal(wa[k], wc[k]) for k in wa)
@@ -62,7 +63,7 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path, mnist_dir, device, mo
     monkeypatch.setattr(loop, "train_epoch", stop_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         short_run(tmp_path, mnist_dir, device, "d", "--seed", "2")
-    first = lambda f: {k: common.read_metrics(str(f))[0][k] for k in ("train_loss", "train_acc")}  # noqa: E731
+    first = lambda f: {k: runfiles.read_metrics(str(f))[0][k] for k in ("train_loss", "train_acc")}  # noqa: E731
     assert first(tmp_path / "d") != first(a)
 
 
@@ -83,13 +84,13 @@ def test_augmentation_matches_torchvision_on_device(mnist_dir, device):
 def test_device_predictions_match_cpu_and_exports(tmp_path, mnist_dir, device):
     """A model on `device` predicts what it predicts on the CPU, and an ONNX export of its weights
     (exported from the CPU copy) agrees with it."""
-    model = models.from_checkpoint(common.load_checkpoint(os.path.join(ROOT, "pretrained", "bn_fc.pt")))
+    model = models.from_checkpoint(runfiles.load_checkpoint(os.path.join(ROOT, "pretrained", "bn_fc.pt")))
     x = data.load("test", mnist_dir)[0][:1000]
     cpu = models.log_probs(model, x)
     dev = models.log_probs(model.to(device), x)
     assert torch.equal(cpu.argmax(1), dev.argmax(1)) and (cpu - dev).abs().max() < 1e-4
     path = str(tmp_path / "m.onnx")
-    ck = common.make_checkpoint("bn_fc", model.state_dict(), 0, 0.0, models.n_params(model))
+    ck = runfiles.make_checkpoint("bn_fc", model.state_dict(), 0, 0.0, models.n_params(model))
     artifacts.write_onnx(artifacts.Exportable(model.cpu()).eval(), path, artifacts.metadata(ck), 18)
     got = artifacts.log_probs(path, x)
     assert torch.equal(got.argmax(1), dev.argmax(1)) and (got - dev).abs().max() < 1e-4

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import artifacts
-import common
 import data
+import errors
 import evaluate
 import export
 import models
@@ -114,7 +114,7 @@ def test_aoti_input_is_checked(aoti_package):
     run = artifacts.load(aoti_package[0])
     x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
     for bad in (x.astype(np.float64), x[..., :27], x[:, 0]):
-        with pytest.raises(common.UserError, match=r"cannot run .*it was given"):
+        with pytest.raises(errors.UserError, match=r"cannot run .*it was given"):
             run(bad)
     wide = np.zeros((4, 1, 28, 56), np.float32)
     wide[..., ::2] = x
@@ -144,7 +144,7 @@ def test_mismatch_fails_and_leaves_nothing(fmt, exported, mnist_dir, tmp_path, m
     made = request.getfixturevalue("aoti_package")[0] if fmt == "aoti" else figures[fmt][0]
     copy = lambda *a, **k: shutil.copy(made, a[1])  # noqa: E731  write_*(module, path, ...)
     monkeypatch.setattr(artifacts, {"onnx": "write_onnx", "pt2": "write_pt2", "aoti": "write_aoti"}[fmt], copy)
-    with pytest.raises(common.UserError, match="does not match PyTorch"):
+    with pytest.raises(errors.UserError, match="does not match PyTorch"):
         export.export(ckpt, fmt, str(tmp_path), 18, mnist_dir, tolerance=-1.0)
     assert list(tmp_path.iterdir()) == []
 
@@ -170,14 +170,14 @@ def test_code_needs_the_manifest_or_trust_code(name, exported, tmp_path, request
     out, _, _ = exported
     shutil.copy(request.getfixturevalue("aoti_package")[0] if name.endswith(".aoti.pt2") else out / name,
                 tmp_path / name)
-    with pytest.raises(common.UserError, match="not listed in the manifest.json"):
+    with pytest.raises(errors.UserError, match="not listed in the manifest.json"):
         artifacts.load(str(tmp_path / name))
     assert artifacts.load(str(tmp_path / name), trust_code=True).metadata["model"] == "bn_fc"
     artifacts.manifest_add(str(tmp_path / name), {})
     artifacts.load(str(tmp_path / name))  # vouched for now
     with open(tmp_path / name, "ab") as f:
         f.write(b"\0")  # any change to the bytes
-    with pytest.raises(common.UserError, match="sha256 differs"):
+    with pytest.raises(errors.UserError, match="sha256 differs"):
         artifacts.load(str(tmp_path / name))
 
 
@@ -211,7 +211,7 @@ def test_a_file_swapped_after_hashing_is_not_what_loads(name, exported, tmp_path
     assert swapped and not (tmp_path / "pwned").exists()
     assert run.metadata["model"] == "bn_fc" and run(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
     monkeypatch.setattr(artifacts, "check_trusted", real)
-    with pytest.raises(common.UserError, match="sha256 differs"):  # the next load reads what is there now
+    with pytest.raises(errors.UserError, match="sha256 differs"):  # the next load reads what is there now
         artifacts.load(str(tmp_path / name))
     assert not (tmp_path / "pwned").exists()
 
@@ -255,12 +255,12 @@ def test_a_pt2_file_is_code(exported, tmp_path):
     marker = tmp_path / "ran"
     evil = tmp_path / "evil.pt2"
     hostile_pt2(out / "bn_fc.pt2", evil, marker)
-    with pytest.raises(common.UserError, match="not listed"):
+    with pytest.raises(errors.UserError, match="not listed"):
         artifacts.load(str(evil))
     assert not marker.exists()
     try:
         artifacts.load(str(evil), trust_code=True)  # the user's word: now it is loaded, and the pickle runs
-    except common.UserError:
+    except errors.UserError:
         pass
     assert marker.exists()
 

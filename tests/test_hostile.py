@@ -19,7 +19,9 @@ import torch
 from onnx import TensorProto, helper
 
 import artifacts
-import common
+import errors
+import fileio
+import runfiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,7 +91,7 @@ def hostile(tmp_path_factory, mnist_dir, trained):
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info), compress_type=zipfile.ZIP_DEFLATED)
     with open(d / "huge.pt", "wb") as f:
-        f.truncate(common.MAX_CHECKPOINT_BYTES + 1)  # sparse: costs no disk
+        f.truncate(runfiles.MAX_CHECKPOINT_BYTES + 1)  # sparse: costs no disk
     for name, ckpt in (("best-copy", best), ("bad-optimizer", dict(last, optimizer={"state": {}, "param_groups": [
             {"params": [0, 1], "lr": 0.1}]}))):
         (d / name).mkdir()
@@ -287,11 +289,11 @@ def results(hostile, trained, forked, tmp_path_factory):
         cwd = tmp_path_factory.mktemp("case")
         cases.append(dict(script=script, cwd=str(cwd),
                           args=[a.format(h=hostile, t=trained) for a in args]))
-    held = common.lock_run(str(hostile / "held"))  # as a running train.py holds its folder
+    held = fileio.lock(str(hostile / "held"))  # as a running train.py holds its folder
     try:
         got = [forked.run(c["script"], *c["args"], cwd=c["cwd"], ignore_warnings=True, timeout=900) for c in cases]
     finally:
-        common.unlock_run(held)
+        fileio.unlock(held)
     return {cid: dict(code=r.returncode, err=r.stderr, cwd=c["cwd"]) for (cid, *_), c, r in zip(CASES, cases, got)}
 
 
@@ -336,14 +338,14 @@ def test_refusals_left_their_folders_alone(hostile, results):
     assert sorted(os.listdir(hostile / "clash")) == ["bn_fc.onnx", "report.json"]
     assert sorted(os.listdir(hostile / "m" / "garbage")) == ["evil.torchscript.pt", "manifest.json"]
     assert (hostile / "m" / "garbage" / "manifest.json").read_text() == '{"files": {'
-    assert common.load_checkpoint(str(hostile / "clash" / "bn_fc.onnx"))["model_name"] == "bn_fc"
+    assert runfiles.load_checkpoint(str(hostile / "clash" / "bn_fc.onnx"))["model_name"] == "bn_fc"
 
 
 def test_trusted_code_runs_only_with_trust_code(hostile, tmp_path, monkeypatch):
     """--trust-code is the user's explicit word: then the file loads (and its code runs)."""
     shutil.copy(hostile / "evil.torchscript.pt", tmp_path / "evil.torchscript.pt")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(common.UserError, match="not listed"):
+    with pytest.raises(errors.UserError, match="not listed"):
         artifacts.load(str(tmp_path / "evil.torchscript.pt"))
     assert not (tmp_path / "pwned").exists()
     artifacts.load(str(tmp_path / "evil.torchscript.pt"), trust_code=True)
@@ -373,7 +375,7 @@ def test_report_files_are_one_set(tmp_path, monkeypatch):
         return real_open(path, *a, **k)
     monkeypatch.setattr("builtins.open", full_disk)
     with pytest.raises(OSError):
-        common.replace_all({str(p): b"new" for p in old})
+        fileio.replace_all({str(p): b"new" for p in old})
     monkeypatch.undo()
     assert {p: p.read_bytes() for p in old} == old
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in old)
@@ -385,10 +387,10 @@ def test_stale_temp_files_are_removed(tmp_path):
     (tmp_path / f"bn_fc.onnx.{dead}.tmp.onnx").write_bytes(b"half")
     (tmp_path / f"last.pt.{dead}.tmp").write_bytes(b"half")
     (tmp_path / f"mine.{os.getpid()}.tmp").write_bytes(b"in use")
-    common.check_out_dir(str(tmp_path), "--out")
+    fileio.check_out_dir(str(tmp_path), "--out")
     assert os.listdir(tmp_path) == [f"mine.{os.getpid()}.tmp"]
 
 
 def test_json_is_strict_everywhere(tmp_path):
-    common.save_json({"loss": float("nan"), "x": [float("inf"), 1.0]}, str(tmp_path / "a.json"))
+    fileio.save_json({"loss": float("nan"), "x": [float("inf"), 1.0]}, str(tmp_path / "a.json"))
     assert json.loads((tmp_path / "a.json").read_text()) == {"loss": None, "x": [None, 1.0]}

@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import artifacts
-import common
 import compare
 import data
+import errors
 import evaluate
 import export
 import predict
+import runfiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAINED = os.path.join(ROOT, "pretrained", "bn_fc.pt")
@@ -51,7 +52,7 @@ def int8(tmp_path_factory, mnist_dir):
     finally:
         reader.kill()
     (path, figures), = made
-    return out, common.load_checkpoint(PRETRAINED), path, figures, read, real
+    return out, runfiles.load_checkpoint(PRETRAINED), path, figures, read, real
 
 
 def test_int8_is_written_verified_and_recorded(int8):
@@ -87,10 +88,10 @@ def test_export_over_a_file_being_read_into_a_symlinked_input_folder(int8):
 
 
 def test_an_impossible_tolerance_writes_nothing(int8, mnist_dir, tmp_path, monkeypatch):
-    ckpt = common.load_checkpoint(PRETRAINED)
+    ckpt = runfiles.load_checkpoint(PRETRAINED)
     # the module's int8 file stands in for a second quantisation: the verification is what is tested
     monkeypatch.setattr(artifacts, "write_onnx_int8", lambda module, path, meta, opset, calib: shutil.copy(int8[2], path))
-    with pytest.raises(common.UserError, match="loses too much accuracy.*nothing written"):
+    with pytest.raises(errors.UserError, match="loses too much accuracy.*nothing written"):
         export.export(ckpt, "onnx-int8", str(tmp_path), 18, mnist_dir, 1e-4, int8_tolerance=-1.0)
     assert list(tmp_path.iterdir()) == []
 

@@ -26,11 +26,13 @@ from PIL import Image, ImageFilter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+
 import data  # noqa: E402
 import digit  # noqa: E402
+import fileio  # noqa: E402
 import models  # noqa: E402
 import predict  # noqa: E402
+import runfiles  # noqa: E402
 
 N_PHOTOS = 500
 
@@ -102,7 +104,7 @@ def test_synthetic_photos_score_like_mnist_with_every_shipped_model(photos, test
     raw, seen, labels = photos
     plain = torch.stack([torch.from_numpy(np.array(digit.open_image(r).convert("L").resize((28, 28)))) for r in raw])
     for name in models.RECIPES:
-        model = models.from_checkpoint(common.load_checkpoint(pretrained(name)))
+        model = models.from_checkpoint(runfiles.load_checkpoint(pretrained(name)))
         got, mnist = accuracy(models.log_probs(model, seen), labels), accuracy(models.log_probs(model, test_set[0][:N_PHOTOS]), labels)
         assert got >= mnist - 1.5, f"{name}: {got:.1f}% on the photos, {mnist:.1f}% on the same MNIST digits"
         if name == "bn_gap":
@@ -229,7 +231,7 @@ def test_cli_on_real_test_images_predicts_like_models_predict(tmp_path, test_set
     assert [r["file"] for r in results] == [str(folder / f"{i:04d}.png") for i in range(n)]
     assert all(set(r) == {"file", "prediction", "probability", "probabilities", "preprocessed"} for r in results)
     assert [r["preprocessed"] for r in results] == [str(tmp_path / "seen" / f"{i:04d}.png") for i in range(n)]
-    ref = models.log_probs(models.from_checkpoint(common.load_checkpoint(pretrained("bn_gap"))), x[:n]).exp()
+    ref = models.log_probs(models.from_checkpoint(runfiles.load_checkpoint(pretrained("bn_gap"))), x[:n]).exp()
     got = torch.tensor([r["probabilities"] for r in results])
     assert (got - ref).abs().max() < 2e-6
     assert [r["prediction"] for r in results] == ref.argmax(1).tolist()
@@ -241,7 +243,7 @@ def test_cli_on_real_test_images_predicts_like_models_predict(tmp_path, test_set
 def test_artifact_and_the_trust_rule(tmp_path, test_set, capsys):
     import artifacts
     x, y = test_set
-    model = models.from_checkpoint(common.load_checkpoint(pretrained("bn_fc")))
+    model = models.from_checkpoint(runfiles.load_checkpoint(pretrained("bn_fc")))
     path = str(tmp_path / "bn_fc.torchscript.pt")
     torch.jit.save(torch.jit.script(artifacts.Exportable(model).eval()), path,
                    _extra_files={"metadata.json": json.dumps({"model": "bn_fc", "test_acc": "99.50"})})
@@ -575,7 +577,7 @@ def figure(path, mnist_dir=None, n=8):
         sheet.paste(img, (left + (cell - img.width) // 2, pad + (cell - img.height) // 2))
         seen = Image.fromarray(digit.to_mnist(digit.open_image(raw)).numpy()).resize((cell, cell), Image.NEAREST)
         sheet.paste(seen, (left, 2 * pad + cell))
-    common.atomic_write(path, lambda f: sheet.quantize(256).save(f, "PNG", optimize=True))
+    fileio.atomic_write(path, lambda f: sheet.quantize(256).save(f, "PNG", optimize=True))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import time
 import pytest
 import torch
 
-import common
+import errors
+import fileio
 import loop
 import models
+import runfiles
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +41,7 @@ def check_files_whole(folder):
     """Every output file parses: nothing truncated, no temp file left behind."""
     for name in ("best.pt", "last.pt"):
         if os.path.exists(os.path.join(folder, name)):
-            common.load_checkpoint(os.path.join(folder, name))
+            runfiles.load_checkpoint(os.path.join(folder, name))
     json.load(open(os.path.join(folder, "summary.json")))
     metrics(folder)
 
@@ -64,8 +66,8 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, forked, gap1
     time.sleep(0.3)                         # into epoch 2
     # a second writer of the same folder is refused while the run holds it (and train.py takes the
     # lock before anything else: test_hostile runs the CLI against a held folder)
-    with pytest.raises(common.UserError, match="is in use by another train.py process"):
-        common.lock_run(str(tmp_path / "cut"))
+    with pytest.raises(errors.UserError, match="is in use by another train.py process"):
+        fileio.lock(str(tmp_path / "cut"))
     proc.send_signal(signal.SIGKILL)
     assert proc.wait().returncode == -signal.SIGKILL
     check_files_whole(tmp_path / "cut")
@@ -105,8 +107,8 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, forked):
     r = forked.run("evaluate.py", "--checkpoint", str(path), cwd=tmp_path)
     assert r.returncode != 0 and "could run code" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "pwned").exists()
-    with pytest.raises(common.UserError, match="could run code"):
-        common.load_checkpoint(str(path))
+    with pytest.raises(errors.UserError, match="could run code"):
+        runfiles.load_checkpoint(str(path))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -192,7 +194,7 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, mnist_dir
     test-set pass between the epochs is scripted: the NaN is in training."""
     poison_loss(monkeypatch, 3)   # 2 steps per epoch (256 images, batch 128): epoch 2, step 1
     monkeypatch.setattr(models, "log_probs", lambda model, images: torch.zeros(len(images), 10))
-    with pytest.raises(common.Diverged, match="at epoch 2, step 1; stopped"):
+    with pytest.raises(errors.Diverged, match="at epoch 2, step 1; stopped"):
         train.run(nan_run(tmp_path, mnist_dir, "--epochs", "3"))
     check_files_whole(tmp_path / "run")
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
@@ -203,6 +205,6 @@ def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoint(tmp_path, mnist_dir
 def test_nan_between_host_syncs_names_its_exact_step(tmp_path, mnist_dir, monkeypatch):
     """Losses are read every loop.SYNC_EVERY steps; a NaN in between still names the step it hit."""
     poison_loss(monkeypatch, 23)  # 32 steps per epoch (256 images, batch 8): epoch 1, step 23
-    with pytest.raises(common.Diverged, match="at epoch 1, step 23; stopped"):
+    with pytest.raises(errors.Diverged, match="at epoch 1, step 23; stopped"):
         train.run(nan_run(tmp_path, mnist_dir, "--batch-size", "8", "--epochs", "1"))
     assert not (tmp_path / "run" / "last.pt").exists()

@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
+from test_pretrained import recorded
 
 import models
 import reproduce
-from test_pretrained import recorded
 
 FIELDS = "epoch,train_loss,train_acc,test_loss,test_acc,lr,seconds,images_per_s"
 

@@ -9,7 +9,6 @@ import signal
 import time
 
 import pytest
-
 from forked_cli import alive
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +26,7 @@ def sweeps(mnist_dir, tmp_path_factory):
     import forked_cli
     env = dict(os.environ, MNIST_DIR=mnist_dir, OMP_NUM_THREADS="1")
     shared = forked_cli.MODULES
-    forked_cli.MODULES = ["torch", "torch._inductor.config", "numpy", "scipy.stats", "common", "data", "models", "loop",
+    forked_cli.MODULES = ["torch", "torch._inductor.config", "numpy", "scipy.stats", "errors", "fileio", "machine", "runfiles", "stats", "data", "models", "loop",
                           "train", "sweep", "reproduce"]
     try:
         server = forked_cli.ForkServer(ROOT, env, tmp_path_factory.mktemp("sweep-io"))
@@ -94,19 +93,19 @@ def test_sweep_options_refused_in_one_line_before_anything_starts(tmp_path, fork
 def test_slurm_time_formats_and_the_gpus_a_local_sweep_hands_out(monkeypatch):
     import torch
 
-    import common
+    import errors
     import sweep
     for text, seconds in (("5", 300), ("0:05", 5), ("1:30:00", 5400), ("2-0", 172800), ("1-2:03", 93780),
                           ("1-0:0:9", 86409)):
         assert sweep.parse_time(text, "--slurm-time") == seconds, text
     for bad in ("1h", "", "1:2:3:4", "-5", "0:00"):
-        with pytest.raises(common.UserError):
+        with pytest.raises(errors.UserError):
             sweep.parse_time(bad, "--slurm-time")
     assert sweep.local_gpus(torch.device("cpu")) == []
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 5")  # yours are the ones handed out, one per job
     assert sweep.local_gpus(torch.device("cuda")) == [2, 5]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f2c,GPU-11aa")
-    with pytest.raises(common.UserError, match="by its index"):
+    with pytest.raises(errors.UserError, match="by its index"):
         sweep.local_gpus(torch.device("cuda"))
 
 

@@ -4,10 +4,12 @@ import os
 import pytest
 import torch
 
-import common
 import data
+import errors
 import loop
 import models
+import runfiles
+import stats
 import train
 
 
@@ -18,7 +20,7 @@ def run(tmp_path, mnist_dir, *extra, name="run"):
 
 
 def rows(folder):
-    return common.read_metrics(str(folder))
+    return runfiles.read_metrics(str(folder))
 
 
 def test_outputs_and_summary(gap10k_run):
@@ -139,7 +141,7 @@ def test_amp_refuses_gpus_that_emulate_bfloat16(monkeypatch):
     """T4 / V100 only emulate bfloat16: --amp there would be slow without a word, so it is refused."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Tesla T4")
-    with pytest.raises(common.UserError, match="Tesla T4 only emulates"):
+    with pytest.raises(errors.UserError, match="Tesla T4 only emulates"):
         models.check_amp(torch.device("cuda"))
     models.check_amp(torch.device("cpu"))  # the CPU path is never refused
 
@@ -156,7 +158,7 @@ def test_resume_refuses_another_device(trained):
     ckpt = torch.load(trained / "last.pt", weights_only=True)
     ckpt["rng"]["device"] = "cuda"
     args = train.parse_args(["--resume", str(trained), "--device", "cpu"])
-    with pytest.raises(common.UserError, match="was trained on cuda; resume it there"):
+    with pytest.raises(errors.UserError, match="was trained on cuda; resume it there"):
         train.resume_args(args, ckpt, str(trained))
 
 
@@ -174,7 +176,7 @@ def test_val_chooses_best_pt_and_summary_keeps_both_figures(tmp_path, mnist_dir,
     assert s == summary and s["val_images"] == 300 and s["checkpoint_chosen_by"] == "validation"
     assert (s["val_chosen_epoch"], s["val_chosen_val_acc"], s["val_chosen_test_acc"]) == (2, 70.0, 60.0)
     assert (s["best_test_acc"], s["best_epoch"]) == (90.0, 3)
-    assert s["val_chosen_test_acc_ci95"] == common.ci95(6000, 10000) and s["best_test_acc_ci95"] == common.ci95(9000, 10000)
+    assert s["val_chosen_test_acc_ci95"] == stats.ci95(6000, 10000) and s["best_test_acc_ci95"] == stats.ci95(9000, 10000)
     assert [r["val_acc"] for r in rows(out)] == ["50.0", "70.0", "60.0"]
 
 

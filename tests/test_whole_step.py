@@ -1,4 +1,4 @@
-"""train.py --whole-step (loop.WholeStep): the whole training step as one compiled function.
+"""train.py --whole-step (whole_step.WholeStep): the whole training step as one compiled function.
 
 The fast tests run WholeStep's step uncompiled (torch.compile as the identity), which is the same
 Python the compiler traces: the schedule table, the batches, the dropped short batch, the figures,
@@ -9,11 +9,13 @@ import json
 import pytest
 import torch
 
-import common
 import data
+import errors
 import loop
 import models
+import runfiles
 import train
+import whole_step
 
 
 def eager_lrs(name, epochs, steps):
@@ -36,7 +38,7 @@ def eager_lrs(name, epochs, steps):
 @pytest.mark.parametrize("name", ["bn_fc", "gap10k", "conv4_fc", "bn_drop"])
 def test_schedule_table_is_the_schedulers_own(name):
     """Per-batch OneCycleLR with and without cycled momentum, per-epoch StepLR, no schedule."""
-    lrs, moms = loop.schedule_table(models.RECIPES[name], 17, 23)
+    lrs, moms = whole_step.schedule_table(models.RECIPES[name], 17, 23)
     assert list(zip(lrs, moms)) == eager_lrs(name, 17, 23)
 
 
@@ -55,7 +57,7 @@ def test_an_epoch_is_full_batches_of_a_fresh_shuffle(uncompiled, mnist_dir):
     gen = loop.seed_everything(0, torch.device("cpu"))
     model = models.build_model("gap10k")
     before = [p.detach().clone() for p in model.parameters()]
-    ws = loop.WholeStep(model, recipe, x, y, 128, 2)
+    ws = whole_step.WholeStep(model, recipe, x, y, 128, 2)
     assert ws.steps == 7                                   # 1000 // 128: the short batch of 104 is dropped
     loss, acc, seen = ws.epoch(gen, 1, progress=False)
     first = ws.order.clone()
@@ -71,15 +73,15 @@ def test_an_epoch_is_full_batches_of_a_fresh_shuffle(uncompiled, mnist_dir):
 def test_a_non_finite_loss_names_its_step(uncompiled, mnist_dir):
     recipe, x, y = small(1000, mnist_dir=mnist_dir)
     gen = loop.seed_everything(0, torch.device("cpu"))
-    ws = loop.WholeStep(models.build_model("gap10k"), recipe, x, y, 128, 1)
+    ws = whole_step.WholeStep(models.build_model("gap10k"), recipe, x, y, 128, 1)
     ws.lrs.fill_(1e30)
-    with pytest.raises(common.Diverged, match=r"at epoch 1, step [1-7];"):
+    with pytest.raises(errors.Diverged, match=r"at epoch 1, step [1-7];"):
         ws.epoch(gen, 1, progress=False)
 
 
 def test_refuses_flags_it_replaces(mnist_dir):
     for flag in (["--compile"], ["--channels-last"], ["--pipeline", "torchvision"]):
-        with pytest.raises(common.UserError, match="--whole-step compiles the whole step itself; drop --"):
+        with pytest.raises(errors.UserError, match="--whole-step compiles the whole step itself; drop --"):
             train.check_args(train.parse_args(["--whole-step", *flag]))
 
 
@@ -95,24 +97,24 @@ def test_resume_continues_the_table_where_it_stopped(uncompiled, tmp_path, mnist
     monkeypatch.setattr(models, "log_probs", lambda model, images: torch.zeros(len(images), 10))
     train.run(cli(tmp_path, mnist_dir, "whole", "--epochs", "2", "--whole-step", subset=640))
     args = cli(tmp_path, mnist_dir, "split", "--epochs", "2", "--whole-step", subset=640)
-    real_epoch = loop.WholeStep.epoch
+    real_epoch = whole_step.WholeStep.epoch
 
     def stop_after_first(self, gen, epoch, **kw):
         if epoch == 2:
             raise KeyboardInterrupt
         return real_epoch(self, gen, epoch, **kw)
 
-    loop.WholeStep.epoch = stop_after_first
+    whole_step.WholeStep.epoch = stop_after_first
     try:
         with pytest.raises((KeyboardInterrupt, SystemExit)):
             train.run(args)
     finally:
-        loop.WholeStep.epoch = real_epoch
+        whole_step.WholeStep.epoch = real_epoch
     train.run(train.parse_args(["--resume", str(tmp_path / "split"), "--data-dir", mnist_dir, "--no-progress"]))
     a = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    rows = common.read_metrics(str(tmp_path / "split"))
+    rows = runfiles.read_metrics(str(tmp_path / "split"))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert json.loads((tmp_path / "split" / "summary.json").read_text())["whole_step"] is True
 

@@ -8,10 +8,8 @@ import pytest
 import torch
 
 import artifacts
-import common
-import export
 import models
-import train
+import runfiles
 
 NAMES = list(models.RECIPES)
 
@@ -23,7 +21,7 @@ def exported(request, tmp_path_factory):
     name = request.param
     model = models.build_model(name).eval()
     module = artifacts.Exportable(model).eval()
-    meta = artifacts.metadata(common.make_checkpoint(name, model.state_dict(), 0, 0.0, models.n_params(model)))
+    meta = artifacts.metadata(runfiles.make_checkpoint(name, model.state_dict(), 0, 0.0, models.n_params(model)))
     folder = tmp_path_factory.mktemp("bench")
     paths = {fmt: str(folder / (name + artifacts.FORMATS[fmt])) for fmt in ("onnx", "pt2", "aoti")}
     artifacts.write_onnx(module, paths["onnx"], meta, 18)
