@@ -269,7 +269,12 @@ def build_schedule(recipe, optimizer, epochs, steps_per_epoch, lr=None):
         kw["total_steps"] = epochs * steps_per_epoch
         if lr is not None:
             kw["max_lr"] = lr
-    return getattr(torch.optim.lr_scheduler, name)(optimizer, **kw), every
+    try:
+        return getattr(torch.optim.lr_scheduler, name)(optimizer, **kw), every
+    except ZeroDivisionError:  # a phase of no steps: OneCycleLR's warm-up of pct_start * total_steps - 1 = 0
+        raise UserError(f"the recipe's {name} schedule cannot run {epochs * steps_per_epoch} steps in all "
+                        f"({epochs} epochs of {steps_per_epoch}): one of its phases would last no step; train "
+                        "on more images or for more epochs") from None
 
 
 def summary(name):
@@ -302,10 +307,13 @@ def log_probs(model, images, batch_size=256):
                       for i in range(0, len(images), batch_size)])
 
 
-def score(logp, y):
+def loss_and_accuracy(logp, y):
     """(mean NLL, correct count, accuracy % rounded to 2 decimals) of log-probabilities against labels."""
     correct = int((logp.argmax(1) == y.cpu()).sum())
     return F.nll_loss(logp, y.cpu()).item(), correct, round(100 * correct / len(y), 2)
+
+
+score = loss_and_accuracy  # TODO(lead): callers in export/evaluate/reproduce move to loss_and_accuracy
 
 
 # ------------------------------------------------------------------------- speed options
@@ -370,27 +378,26 @@ def check_amp(device):
                         "(slower than fp32); drop --amp on this GPU")
 
 
-def build(recipe, device, channels_last=False, fast_dropout=False, compile=False, cudagraphs=True):
-    """The recipe's model on `device` with the speed flags applied, as (model, net): train `net`
-    (the torch.compile wrapper with compile=True, else the model itself); save and evaluate `model`."""
+def build(recipe, device, channels_last=False, fast_dropout=False):
+    """The recipe's model on `device` with the layout and dropout speed flags applied."""
     model = recipe["model"]().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if fast_dropout:
         use_fast_dropout(model)
-    return model, (compile_model(model, cudagraphs) if compile else model)
+    return model
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Print the per-layer summary (output shape, parameters) of models "
-                                "in the registry, as the seeds' torchsummary tables do.")
+                                "in the registry, as the sources' torchsummary tables do.")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"models to show (default: all of {', '.join(RECIPES)})")
     args = p.parse_args(argv)
     with one_line_errors():
         for n in args.names:
             get_recipe(n)
     for n in args.names or list(RECIPES):
-        print(f"{n}  (seed {RECIPES[n]['documented']['seed']})")
+        print(f"{n}  (source {RECIPES[n]['documented']['source'][:3]})")
         print(summary(n))
         print()
 

@@ -8,6 +8,7 @@ import torch
 
 import bench
 import models
+import timing
 
 FIELDS = {"task", "model", "device", "backend", "batch_size", "threads", "metric", "value", "unit"}
 # bn_fc: the cheapest model to train and run (the bench code is the same for every model)
@@ -82,7 +83,7 @@ def test_cuda_graphs_that_inductor_skipped_are_flagged(tmp_path, mnist_dir, monk
     def compile_without_graphs(model, cudagraphs=True):
         return CompiledWithoutGraphs(model)
     monkeypatch.setattr(models, "compile_model", compile_without_graphs)
-    monkeypatch.setitem(bench.VARIANTS, "cudagraphs", ({"compile", "cudagraphs"}, ("cpu",)))
+    monkeypatch.setitem(timing.VARIANTS, "cudagraphs", ({"compile", "cudagraphs"}, ("cpu",)))
     out = tmp_path / "bench.json"
     bench.main(TINY + ["--data-dir", mnist_dir, "--task", "train", "--variant", "cudagraphs", "--json", str(out)])
     got = json.loads(out.read_text())
@@ -125,7 +126,7 @@ def test_onnxruntime_on_cuda_keeps_data_on_the_gpu():
             calls.append(("run",))
 
     x1, xb = torch.rand(1, 1, 28, 28), torch.rand(4, 1, 28, 28)
-    run1, runb = bench.ort_runners(Session(), "CUDAExecutionProvider", x1, xb)
+    run1, runb = timing.ort_runners(Session(), "CUDAExecutionProvider", x1, xb)
     run1()
     assert calls[0] == ("in", ("image", "cuda", 0, np.float32, [1, 1, 28, 28], x1.data_ptr()))
     assert calls[1][0] == "out" and calls[1][1][:2] == ("log_probs", "cuda") and calls[-1] == ("run",)
@@ -157,8 +158,10 @@ def test_a_run_stopped_part_way_keeps_what_it_measured(tmp_path, mnist_dir, monk
     def fake_infer(name, device, threads, opts):
         if name == "gap10k":
             raise KeyboardInterrupt
-        return [dict(task="infer", model=name, device="cpu", backend="eager", threads=1, batch_size=1,
-                     metric=m, value=1.0, unit="ms") for m in ("p50_ms", "p99_ms")], [f"infer {name}: skipped one"]
+        for m in ("p50_ms", "p99_ms"):
+            yield "record", dict(task="infer", model=name, device="cpu", backend="eager", threads=1, batch_size=1,
+                                 metric=m, value=1.0, unit="ms")
+        yield "skipped", f"infer {name}: skipped one"
     monkeypatch.setattr(bench, "bench_infer", fake_infer)
     out = tmp_path / "b.json"
     with pytest.raises(SystemExit) as e:

@@ -109,9 +109,8 @@ def test_training_step_never_waits_for_the_device(mnist_dir, device):
     dev = torch.device(device)
     for name in ("bn_fc", "conv4_fc"):  # rotation + translation; crop + rotation
         recipe = models.RECIPES[name]
-        model, net = models.build(recipe, dev)
-        opt = models.build_optimizer(recipe, model)
-        step = loop.Trainer(net, opt)
+        model = models.build(recipe, dev)
+        step = loop.Training(model, model, models.build_optimizer(recipe, model))
         loader = data.batches(x[:512].to(dev), y[:512].to(dev), 32, recipe["augment"], data.generator(0, dev))
         torch.tensor = spy
         try:

@@ -30,7 +30,7 @@ def test_pretrained_matches_reproduction(name, mnist_dir, pretrained_log_probs):
     assert set(ckpt) == {"model_name", "model", "epoch", "test_acc", "params"}
     models.from_checkpoint(ckpt)
     x, y = data.load("test", mnist_dir)
-    _, correct, acc = models.score(pretrained_log_probs(name), y)  # models.log_probs of this file on x
+    _, correct, acc = models.loss_and_accuracy(pretrained_log_probs(name), y)  # models.log_probs of this file on x
     best, epoch = recorded()[name]
     assert correct == round(best * 100)          # 10,000 images: 0.01% is one image
     assert (acc, ckpt["epoch"]) == (best, epoch)

@@ -40,8 +40,8 @@ def test_outputs_and_summary(gap10k_run):
 def test_best_saved_only_on_improvement(tmp_path, mnist_dir, monkeypatch):
     """Scripted test accuracies 50, 70, 60, 70: best.pt is written at epochs 1 and 2 only."""
     accs = iter([50.0, 70.0, 60.0, 70.0])
-    real_score = models.score
-    monkeypatch.setattr(models, "score", lambda logp, y: (*real_score(logp, y)[:2], next(accs)))
+    real_score = models.loss_and_accuracy
+    monkeypatch.setattr(models, "loss_and_accuracy", lambda logp, y: (*real_score(logp, y)[:2], next(accs)))
     monkeypatch.setattr(models, "log_probs", lambda model, images: torch.zeros(len(images), 10))  # scores are scripted
     writes = []
     real_save = train.save_checkpoint
@@ -104,7 +104,8 @@ def test_seed_pipeline_reshuffles_every_epoch(mnist_dir):
 
     def first_batch(epoch):
         args = train.parse_args(["--pipeline", "torchvision", "--batch-size", "128", "--workers", "1"])
-        loader = train.make_loader(args, recipe, x[:1024], y[:1024], None, epoch)
+        r = train.Run(args, recipe, None, torch.device("cpu"), None, (x[:1024], y[:1024]), None, None, None, 8)
+        loader = train.epoch_batches(r, epoch)
         return next(iter(loader))
     (x1, y1), (x2, y2), (x1b, y1b) = first_batch(1), first_batch(2), first_batch(1)
     assert not torch.equal(y1, y2) and not torch.equal(x1, x2)
@@ -122,11 +123,12 @@ def test_compile_trains_the_models_own_weights(mnist_dir):
     got = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model, net = models.build(recipe, torch.device("cpu"), compile=compiled)
+        model = models.build(recipe, torch.device("cpu"))
+        net = models.compile_model(model) if compiled else model
         before = {k: v.clone() for k, v in model.state_dict().items()}
         opt = models.build_optimizer(recipe, model)
         batches = data.batches(x[:128], y[:128], 128, {}, torch.Generator().manual_seed(0))
-        loss = loop.train_epoch(loop.Trainer(net, opt), batches, 1, progress=False)[0]
+        loss = loop.train_epoch(loop.Training(model, net, opt), batches, 1, progress=False)[0]
         got.append((loss, before, {k: v.clone() for k, v in model.state_dict().items()}))
     (le, _, eager), (lc, before, comp) = got
     assert abs(le - lc) < 1e-5                                            # the same forward pass
@@ -167,8 +169,8 @@ def test_val_chooses_best_pt_and_summary_keeps_both_figures(tmp_path, mnist_dir,
     epoch 2's (validation's maximum), not epoch 3's (the test maximum); summary.json gives the honest
     figure (60%, epoch 2) beside the seeds' optimistic one (90%, epoch 3), each with its interval."""
     accs = iter([50.0, 80.0, 70.0, 60.0, 60.0, 90.0])   # per epoch: validation, then test
-    real_score = models.score
-    monkeypatch.setattr(models, "score", lambda logp, y: (*real_score(logp, y)[:2], next(accs)))
+    real_score = models.loss_and_accuracy
+    monkeypatch.setattr(models, "loss_and_accuracy", lambda logp, y: (*real_score(logp, y)[:2], next(accs)))
     monkeypatch.setattr(models, "log_probs", lambda model, images: torch.zeros(len(images), 10))
     summary, out = run(tmp_path, mnist_dir, "--epochs", "3", "--subset", "128", "--val", "300")
     assert torch.load(out / "best.pt", weights_only=True)["epoch"] == 2
