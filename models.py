@@ -1,9 +1,9 @@
 """The five MNIST models and their recipes, in one registry.
 
 Every model takes normalised images [N, 1, 28, 28] and returns log-probabilities [N, 10].
-A recipe is a plain dict; `documented` holds what the seed README states, `reconstructed`
-names the parts this project had to choose because the seed does not say.
-Sources: ../shared/seeds/ and ../shared/RECIPES.md.
+A recipe is a plain dict; `documented` holds what the source's write-up states, `reconstructed`
+names the parts this project had to choose because the source does not say.
+The sources: ../shared/seeds/ and ../shared/RECIPES.md.
 
     python models.py [NAME ...]   per-layer summary of the named models (default: all five)
 
@@ -22,7 +22,7 @@ from errors import UserError, one_line_errors
 
 
 def block(cin, cout, k=3, pad=0, drop=0.0):
-    """Conv (no bias) then ReLU, BatchNorm, Dropout: the order seeds 000 and 003 write."""
+    """Conv (no bias) then ReLU, BatchNorm, Dropout: the order sources 000 and 003 write."""
     post = [nn.ReLU(), nn.BatchNorm2d(cout)]
     if drop:
         post.append(nn.Dropout(drop))
@@ -30,7 +30,7 @@ def block(cin, cout, k=3, pad=0, drop=0.0):
 
 
 class BnGap(nn.Module):
-    """Seed 000: ReLU+BN+Dropout(0.05) conv blocks, 1x1 convs for width, final conv, GAP.
+    """Source 000: ReLU+BN+Dropout(0.05) conv blocks, 1x1 convs for width, final conv, GAP.
     The layers are not documented: this is our design in that family (18,304 params)."""
 
     def __init__(self, drop=0.05):
@@ -53,7 +53,7 @@ class BnGap(nn.Module):
 
 
 class Conv4Fc(nn.Module):
-    """Seed 001: four 3x3 convs (no padding, bias) and one Linear, 24,552 params. The seed's
+    """Source 001: four 3x3 convs (no padding, bias) and one Linear, 24,552 params. The source's
     diagram puts pools after conv1, conv2 and conv4, which cannot give its 896 = 56x4x4
     flatten; pools after conv2 and conv4 can (RECIPES.md)."""
 
@@ -72,7 +72,7 @@ class Conv4Fc(nn.Module):
 
 
 class Gap10k(nn.Module):
-    """Seed 002's layer table: 3x3 convs with padding 1 and bias, each followed by ReLU, BN,
+    """Source 002's layer table: 3x3 convs with padding 1 and bias, each followed by ReLU, BN,
     Dropout(0.05); MaxPool then 1x1 transitions; 1x1 head then GAP. 9,798 params."""
 
     def __init__(self, drop=0.05):
@@ -96,7 +96,7 @@ class Gap10k(nn.Module):
 
 
 class BnDrop(nn.Module):
-    """Seed 003: conv blocks with ReLU, BN, Dropout(0.1); 13,808 params documented, layers not.
+    """Source 003: conv blocks with ReLU, BN, Dropout(0.1); 13,808 params documented, layers not.
     Reconstruction: the common 1-16-32 | 1x1 -> 10, pool | 16-16-16-16 | GAP, 1x1 -> 10 layout,
     which lands on exactly 13,808."""
 
@@ -120,7 +120,7 @@ class BnDrop(nn.Module):
 
 
 class BnFc(nn.Module):
-    """Seed 004: Conv-BN-ReLU blocks (bias on, as in the seed's count), two pools, a 2x2 conv
+    """Source 004: Conv-BN-ReLU blocks (bias on, as in the source's count), two pools, a 2x2 conv
     to 1x1, Linear 16 -> 10. 9,594 params."""
 
     def __init__(self):
@@ -140,7 +140,7 @@ class BnFc(nn.Module):
         return F.log_softmax(self.fc(self.features(x).flatten(1)), dim=1)
 
 
-# The registry. Every model ends in log_softmax and trains with NLL (seed 001 applies CrossEntropyLoss
+# The registry. Every model ends in log_softmax and trains with NLL (source 001 applies CrossEntropyLoss
 # to its log_softmax output: log_softmax is idempotent, so that is NLL too). Keys of a recipe:
 #   model        the nn.Module class
 #   optimizer    (name in torch.optim, kwargs)
@@ -163,7 +163,7 @@ RECIPES = {
         epochs=20,
         documented=dict(best_test_acc=99.55, best_epoch=15, final_test_acc=99.54, params=None,
                         seconds_per_epoch=None, source="000_6c444237f28cae73.txt",
-                        notes="the seed's log counts epochs from 0: its 'Epoch 14' is the 15th",
+                        notes="the source's log counts epochs from 0: its 'Epoch 14' is the 15th",
                         # its "Epoch 0" ... "Epoch 19", as our epochs 1 ... 20
                         test_acc_by_epoch=[98.24, 99.04, 99.31, 99.33, 99.41, 99.30, 99.43, 99.41, 99.37, 99.51,
                                            99.46, 99.54, 99.46, 99.53, 99.55, 99.53, 99.54, 99.53, 99.54, 99.54]),
@@ -180,7 +180,7 @@ RECIPES = {
                         source="001_14c6d933e153585f.txt",
                         notes="95.21% was measured on the 60,000 training images, not the test set",
                         test_acc_by_epoch=None),  # one epoch, and its one figure is a training-set one
-        reconstructed=["pool placement (the seed's diagram cannot give its 896-wide flatten)"],
+        reconstructed=["pool placement (the source's diagram cannot give its 896-wide flatten)"],
     ),
     "gap10k": dict(
         model=Gap10k,
@@ -214,7 +214,7 @@ RECIPES = {
     "bn_fc": dict(
         model=BnFc,
         optimizer=("Adagrad", dict(lr=0.1)),
-        # final_div_factor=7.5 is not stated in the seed's text, but its log's per-epoch LR column
+        # final_div_factor=7.5 is not stated in the source's text, but its log's per-epoch LR column
         # (0.262710, ..., 0.049657) matches this schedule to 5e-7 and torch's default (1e4) misses by 0.013
         schedule=("OneCycleLR", dict(max_lr=0.75, div_factor=7.5, final_div_factor=7.5, pct_start=0.3,
                                      anneal_strategy="cos", cycle_momentum=False), "batch"),
@@ -226,7 +226,7 @@ RECIPES = {
                         notes="about 86 s per epoch, device not stated",
                         test_acc_by_epoch=[95.10, 98.75, 96.94, 99.08, 99.33, 99.34, 99.54, 99.57, 99.60, 99.64]),
         reconstructed=["rotation and translation as one RandomAffine",
-                       "final_div_factor 7.5, inferred from the seed's logged learning rates"],
+                       "final_div_factor 7.5, inferred from the source's logged learning rates"],
     ),
 }
 
@@ -278,7 +278,7 @@ def build_schedule(recipe, optimizer, epochs, steps_per_epoch, lr=None):
 
 
 def summary(name):
-    """torchinfo's per-layer table (layer, output shape, params) as text, like the seeds' torchsummary."""
+    """torchinfo's per-layer table (layer, output shape, params) as text, like the sources' torchsummary."""
     from torchinfo import summary as info
     stats = info(build_model(name), input_size=(1, 1, 28, 28), col_names=("output_size", "num_params"),
                  depth=3, verbose=0, device="cpu")
