@@ -1,5 +1,5 @@
 """The eager training step and the epoch around it. train.py builds a Training and calls train_epoch
-once an epoch; bench.py times the same two; whole_step.py is the compiled twin of train_step.
+once an epoch; bench.py times the same two; whole_step.py is its device-resident twin.
 """
 from dataclasses import dataclass
 
@@ -23,6 +23,9 @@ def seed_everything(seed, device):
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.allow_tf32 = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # deterministic mode also fills every new tensor's memory (extra kernels each step on CUDA); the
+    # harness reads no tensor before writing it, so the results are the same without the fill
+    torch.utils.deterministic.fill_uninitialized_memory = False
     return data.generator(seed, device)
 
 
@@ -31,7 +34,7 @@ class Training:
     """A model in training: `model` holds the weights that are trained and saved, `net` is what the
     step calls (the torch.compile wrapper with --compile, else the model itself), then the optimizer,
     its schedule (stepped every 'batch' or every 'epoch'), the input format and, with --whole-step,
-    the compiled whole step that trains instead of train_epoch."""
+    the whole step (whole_step.WholeStep) that trains instead of train_epoch."""
     model: torch.nn.Module
     net: torch.nn.Module
     optimizer: torch.optim.Optimizer

@@ -9,7 +9,7 @@ import sys
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 import torch  # noqa: E402
 
-from errors import UserError  # noqa: E402
+from errors import UserError, printable  # noqa: E402
 
 
 def devices_present():
@@ -57,10 +57,12 @@ def provenance(device, threads):
 
 
 def git_commit():
-    """The commit this code runs from, with '-dirty' when the tree has uncommitted changes."""
+    """The commit this code runs from, with '-dirty' when the tree has uncommitted changes; in a copy
+    without .git (a device machine), $MNIST_RECIPES_COMMIT where the copy's sender set it."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
-                              capture_output=True, text=True, cwd=here, timeout=5).stdout.strip() or None
+        found = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
+                               capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        found = ""
+    return found or printable(os.environ.get("MNIST_RECIPES_COMMIT", ""))[:40] or None

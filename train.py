@@ -239,9 +239,9 @@ def parser():
         "probability rounded to 1/65536, a different random stream than nn.Dropout)")
     add("--compile", action="store_true", help="torch.compile the model, with CUDA graphs on CUDA (off by "
         "default; see BENCHMARKS.md for when it pays)")
-    add("--whole-step", action="store_true", help="torch.compile the whole training step (batch, "
-        "augmentation, forward, backward, update, schedule, figures: whole_step.WholeStep), with CUDA graphs "
-        "on CUDA; drops each epoch's short last batch (off by default; see BENCHMARKS.md)")
+    add("--whole-step", action="store_true", help="the whole training step (batch, "
+        "augmentation, forward, backward, update, schedule, figures: whole_step.WholeStep) on the device, "
+        "replayed as CUDA graphs on CUDA; drops each epoch's short last batch (off by default; see BENCHMARKS.md)")
     add("--resume", nargs="?", const="latest", metavar="RUN_DIR",
         help="continue a run from its last.pt (default RUN_DIR: runs/<model>/latest) with the settings "
         "it started with; only --device (the run's own), --data-dir and --no-progress may be given")
@@ -278,7 +278,7 @@ def check_args(args):
         clash = [f for f, on in (("--compile", args.compile), ("--channels-last", args.channels_last),
                                  ("--pipeline torchvision", args.pipeline == "torchvision")) if on]
         if clash:
-            raise UserError(f"--whole-step compiles the whole step itself; drop {', '.join(clash)}")
+            raise UserError(f"--whole-step builds the whole step itself; drop {', '.join(clash)}")
     batch = args.batch_size or models.RECIPES[args.model]["batch_size"]
     if not args.whole_step and (args.subset or left) % batch == 1:  # the whole step drops short batches
         raise UserError(f"{args.subset or left:,} training images in batches of {batch} leave a last batch of one "

@@ -15,6 +15,7 @@ import machine
 import models
 import runfiles
 import train
+import whole_step
 
 DEVICES = machine.devices_present()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,3 +130,69 @@ def test_training_step_never_waits_for_the_device(mnist_dir, device):
         # the one sync at the end of the (short) epoch is allowed; nothing per step
         syncs = [w for w in caught if "synchroniz" in str(w.message)]
         assert len(syncs) <= 3, [str(w.message) for w in syncs]
+
+
+# ------------------------------------------------------- the whole step on CUDA (whole_step.py)
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+
+
+def whole_step_on(mnist_dir, device, name, n, batch_size, **kw):
+    recipe = models.RECIPES[name]
+    x, y = data.load("train", mnist_dir)
+    torch.manual_seed(0)
+    model = models.build(recipe, device)
+    return whole_step.WholeStep(model, recipe, x[:n].to(device), y[:n].to(device), batch_size, 2, **kw)
+
+
+@cuda_only
+def test_whole_step_graphs_replay_the_eager_steps_on_cuda(mnist_dir):
+    """bn_fc (no dropout: no random numbers in the step) for an epoch of 22 steps as CUDA graphs (one
+    of 20 steps, one of 2) against the same step() called eagerly: the same losses, hits and weights."""
+    dev = torch.device("cuda")
+    runs = []
+    for graphs in (True, False):
+        ws = whole_step_on(mnist_dir, dev, "bn_fc", 22 * 32, 32, cudagraphs=graphs, compile=False)
+        loss, acc, seen = ws.epoch(data.generator(0, dev), 1, progress=False)
+        runs.append((ws, loss, acc))
+    (g, gl, ga), (e, el, ea) = runs
+    assert sorted(g.graphs) == [2, 20] and e.graphs is None and int(g.t) == 22
+    assert ga == ea and abs(gl - el) <= 1e-6 * el and torch.allclose(g.losses, e.losses, rtol=1e-6, atol=0)
+    for a, b in zip(g.model.state_dict().values(), e.model.state_dict().values()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-7)
+
+
+@cuda_only
+@pytest.mark.parametrize("compile", [False, True], ids=["eager-kernels", "compiled"])
+def test_whole_step_explained_on_cuda(mnist_dir, compile):
+    """explain()'s figures on CUDA: a replay's time, the kernels of 5 steps, memory, no recompile after
+    the warm-up and no CUDA graph that inductor skipped."""
+    ws = whole_step_on(mnist_dir, torch.device("cuda"), "gap10k", 40 * 128, 128, compile=compile)
+    got = whole_step.explain(ws, data.generator(0, torch.device("cuda")), timed=40)
+    print(got)
+    assert got["replay_ms"] > 0 and got["kernels"] > 5 * 20 and got["peak_mem_mb"] > 0 and got["steps_per_s"] > 0
+    assert got["recompiles"] == 0 and got["cudagraph_skips"] == 0 and got["compile_s"] > 0
+    assert sorted(ws.graphs) == [20]  # the 5 steps counted run eagerly: the same kernels a graph holds
+
+
+@cuda_only
+def test_whole_step_resumes_exactly_on_cuda(tmp_path, mnist_dir, monkeypatch):
+    """gap10k (dropout: CUDA's random numbers drawn inside the graphs) with --whole-step, stopped after
+    epoch 1 and resumed, ends where the uninterrupted run does: the same metrics and weights."""
+    _, a = short_run(tmp_path, mnist_dir, "cuda", "a", "--whole-step")
+    real = whole_step.WholeStep.epoch
+
+    def stop_in_epoch_2(self, gen, epoch, **kw):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, gen, epoch, **kw)
+    monkeypatch.setattr(whole_step.WholeStep, "epoch", stop_in_epoch_2)
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        short_run(tmp_path, mnist_dir, "cuda", "c", "--whole-step")
+    monkeypatch.setattr(whole_step.WholeStep, "epoch", real)
+    train.run(train.parse_args(["--resume", str(tmp_path / "c"), "--data-dir", mnist_dir, "--no-progress"]))
+    cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]
+    rows = [[[r[k] for k in cols] for r in runfiles.read_metrics(str(f))] for f in (a, tmp_path / "c")]
+    assert len(rows[0]) == 2 and rows[0] == rows[1]
+    wa, wc = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, tmp_path / "c"))
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)

@@ -1,13 +1,16 @@
-"""train.py --whole-step (whole_step.WholeStep): the whole training step as one compiled function.
+"""train.py --whole-step (whole_step.WholeStep): the whole training step as one replayable unit.
 
-The fast tests run WholeStep's step uncompiled (torch.compile as the identity), which is the same
-Python the compiler traces: the schedule table, the batches, the dropped short batch, the figures,
-divergence and resume. The compiled run itself (an Inductor C++ compile, ~30 s of CPU) is slow-marked.
+The fast tests run its step() on the CPU, the Python a CUDA graph captures (the capture itself is
+CUDA's: tests/test_devices.py): the schedule, the batches, the dropped short batch, the figures,
+divergence, resume, the step's eager twin, what the step may not do inside a capture. The compiled
+variant (an inductor C++ compile, ~30 s of CPU) and whole runs against eager ones are slow-marked.
 """
+import copy
 import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
 import errors
@@ -42,9 +45,13 @@ def test_schedule_table_is_the_schedulers_own(name):
     assert list(zip(lrs, moms)) == eager_lrs(name, 17, 23)
 
 
-@pytest.fixture
-def uncompiled(monkeypatch):
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+def test_a_long_schedule_costs_only_the_epochs_used():
+    """bench builds its whole steps for 1000 epochs and trains a part of the first."""
+    schedule = whole_step.Schedule(models.RECIPES["gap10k"], 1000, 468)
+    lrs, moms = schedule.epoch(1)
+    assert len(schedule.rows) == 1 and len(lrs) == 468 and lrs[0] < lrs[-1] and moms[0] > moms[-1]
+    with pytest.raises(ValueError, match="outside the schedule"):
+        schedule.epoch(1001)
 
 
 def small(n=1000, name="gap10k", mnist_dir=None):
@@ -52,7 +59,7 @@ def small(n=1000, name="gap10k", mnist_dir=None):
     return models.RECIPES[name], x[:n], y[:n]
 
 
-def test_an_epoch_is_full_batches_of_a_fresh_shuffle(uncompiled, mnist_dir):
+def test_an_epoch_is_full_batches_of_a_fresh_shuffle(mnist_dir):
     recipe, x, y = small(1000, mnist_dir=mnist_dir)
     gen = loop.seed_everything(0, torch.device("cpu"))
     model = models.build_model("gap10k")
@@ -64,24 +71,31 @@ def test_an_epoch_is_full_batches_of_a_fresh_shuffle(uncompiled, mnist_dir):
     assert seen == 896 and first.unique().numel() == 896   # distinct images, none twice
     assert 0 < loss < 10 and 0 <= acc <= 100 and int(ws.hits) == round(acc * seen / 100)
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
-    assert int(ws.at) == 7 and ws.optimizer.param_groups[0]["lr"] == torch.tensor(ws.table[6])  # float32 on device
+    lrs, _ = whole_step.schedule_table(recipe, 2, 7)
+    assert int(ws.t) == 7 and ws.lrs.tolist() == torch.tensor(lrs[:7]).tolist()  # float32 on the device
+    assert ws.optimizer.param_groups[0]["lr"] == lrs[6]   # the group holds the last step's, as a number
     ws.epoch(gen, 2, progress=False)
     assert not torch.equal(first, ws.order)               # a new shuffle every epoch
-    assert int(ws.at) == 14                                # epoch 2 read the table's second half
+    assert ws.lrs.tolist() == torch.tensor(lrs[7:]).tolist()  # epoch 2 reads the schedule's second half
 
 
-def test_a_non_finite_loss_names_its_step(uncompiled, mnist_dir):
+def test_a_non_finite_loss_names_its_step(mnist_dir):
     recipe, x, y = small(1000, mnist_dir=mnist_dir)
     gen = loop.seed_everything(0, torch.device("cpu"))
     ws = whole_step.WholeStep(models.build_model("gap10k"), recipe, x, y, 128, 1)
-    ws.lrs.fill_(1e30)
+    real_begin = ws.begin
+
+    def huge_lr(gen, epoch):
+        real_begin(gen, epoch)
+        ws.lrs.fill_(1e30)
+    ws.begin = huge_lr
     with pytest.raises(errors.Diverged, match=r"at epoch 1, step [1-7];"):
         ws.epoch(gen, 1, progress=False)
 
 
 def test_refuses_flags_it_replaces(mnist_dir):
     for flag in (["--compile"], ["--channels-last"], ["--pipeline", "torchvision"]):
-        with pytest.raises(errors.UserError, match="--whole-step compiles the whole step itself; drop --"):
+        with pytest.raises(errors.UserError, match="--whole-step builds the whole step itself; drop --"):
             train.check_args(train.parse_args(["--whole-step", *flag]))
 
 
@@ -90,7 +104,7 @@ def cli(tmp_path, mnist_dir, name, *extra, subset=4000):
                              "--no-progress", "--out", str(tmp_path / name), *extra])
 
 
-def test_resume_continues_the_table_where_it_stopped(uncompiled, tmp_path, mnist_dir, monkeypatch):
+def test_resume_continues_the_table_where_it_stopped(tmp_path, mnist_dir, monkeypatch):
     """Two epochs in one go, and one epoch then --resume for the second: the same weights to the bit
     (the shuffle and draws come from the saved generator, the lr from the table at epoch 2). The
     10,000-image test pass is scripted (zeros): the weights are what is compared."""
@@ -120,10 +134,10 @@ def test_resume_continues_the_table_where_it_stopped(uncompiled, tmp_path, mnist
 
 
 @pytest.mark.slow
-def test_compiled_whole_step_trains_as_well_as_eager(tmp_path, mnist_dir):
-    """The real thing: bn_fc on 4,000 images for 3 epochs, compiled whole step against the eager loop,
-    same seed. Their random streams differ (dropped last batch, inductor's own dropout and draw order),
-    so the bar is seed noise. Measured at these settings (seeds 1-3, test accuracy after epoch 3):
+def test_whole_step_trains_as_well_as_eager(tmp_path, mnist_dir):
+    """bn_fc on 4,000 images for 3 epochs, the whole step against the eager loop, same seed. Their
+    random streams differ (the dropped last batch, the draw order), so the bar is seed noise.
+    Measured at these settings with the compiled whole step (seeds 1-3, test accuracy after epoch 3):
     eager 96.10, 96.39, 95.85%; whole step 96.39, 96.78, 96.20%: a spread of 0.54 pp within each,
     0.39 pp at most between the two for one seed. 1.5 pp is allowed."""
     eager = train.run(cli(tmp_path, mnist_dir, "eager", "--epochs", "3"))
@@ -132,3 +146,148 @@ def test_compiled_whole_step_trains_as_well_as_eager(tmp_path, mnist_dir):
     assert whole["final_test_acc"] > 90
     assert abs(whole["final_test_acc"] - eager["final_test_acc"]) < 1.5, (whole["final_test_acc"],
                                                                            eager["final_test_acc"])
+
+
+def twin_batches(ws, x, steps):
+    """The batches ws's last epoch trained on, made by the eager pipeline's own functions."""
+    for s in range(steps):
+        idx = ws.order[s]
+        xb = data.to_unit(x[idx])
+        if ws.aug:
+            xb = data.apply(xb, ws.aug, {k: v[s] for k, v in ws.draws.items()})
+        yield (xb - data.MEAN) / data.STD, idx
+
+
+@pytest.mark.parametrize("name", ["gap10k", "bn_fc", "conv4_fc"])  # SGD + decay + cycled momentum; Adagrad; StepLR
+def test_step_matches_its_eager_twin(mnist_dir, name):
+    """The whole step, run as step() calls (what a CUDA graph captures), against
+    loop.train_step with torch.optim's optimizer and the recipe's scheduler on the same batches and
+    the same dropout stream: the same losses, hits and weights (to 1e-6 of each tensor's largest
+    value, or 1e-9 for a BatchNorm bias still near its zero start: the written-out update rounds a
+    little differently), BatchNorm statistics included."""
+    recipe, x, y = small(192, name, mnist_dir)
+    torch.manual_seed(0)
+    model = models.build_model(name)
+    twin = copy.deepcopy(model)
+    ws = whole_step.WholeStep(model, recipe, x, y, 32, 2)
+    torch.manual_seed(1)
+    _, acc, seen = ws.epoch(data.generator(5, torch.device("cpu")), 1, progress=False)
+    optimizer = models.build_optimizer(recipe, twin)
+    t = loop.Training(twin, twin, optimizer, *models.build_schedule(recipe, optimizer, 2, ws.steps))
+    torch.manual_seed(1)
+    hits = 0
+    for s, (xb, idx) in enumerate(twin_batches(ws, x, ws.steps)):
+        loss, out = loop.train_step(t, xb, y[idx])
+        assert abs(float(loss) - float(ws.losses[s])) <= 1e-6 * float(loss), s
+        hits += int((out.argmax(1) == y[idx]).sum())
+    assert hits == round(acc * seen / 100)
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert (a.double() - b.double()).abs().max() <= 1e-6 * b.double().abs().max() + 1e-9, k
+
+
+def test_warm_up_leaves_no_trace(mnist_dir):
+    """The steps run before a capture are undone: weights, statistics, optimizer state, RNG."""
+    recipe, x, y = small(256, "gap10k", mnist_dir)
+    runs = []
+    for warm in (False, True):
+        torch.manual_seed(0)
+        ws = whole_step.WholeStep(models.build_model("gap10k"), recipe, x, y, 64, 1)
+        if warm:
+            ws.warm_up()
+            assert ws.compile_s > 0
+        ws.epoch(data.generator(3, torch.device("cpu")), 1, progress=False)
+        runs.append((ws.model.state_dict(), ws.optimizer.state_dict()["state"], ws.losses.clone()))
+    (w1, s1, l1), (w2, s2, l2) = runs
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and torch.equal(l1, l2)
+    assert all(torch.equal(s1[i]["momentum_buffer"], s2[i]["momentum_buffer"]) for i in s1)
+
+
+class Ops(TorchDispatchMode):
+    """Every aten op run inside it, by name; a copy to a named device is called 'to_device'."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.names.append("to_device" if kwargs.get("device") is not None and "copy" in func.__name__
+                          else func.__name__.split(".")[0])
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["bn_fc", "conv4_fc"])  # Adagrad, rotation + translation; SGD, crop + rotation
+def test_step_is_device_work_alone(mnist_dir, name):
+    """What a CUDA graph can capture: the step runs no op that reads a device value on the host
+    (item, bool, nonzero and their kin), makes no tensor from a Python value (a host-to-device copy
+    or a constant baked into the graph), and reads nothing from the optimizer's param_groups."""
+    recipe, x, y = small(128, name, mnist_dir)
+    ws = whole_step.WholeStep(models.build_model(name), recipe, x, y, 32, 1)
+    ws.begin(data.generator(0, torch.device("cpu")), 1)
+
+    class Untouchable(list):
+        def __getitem__(self, i):
+            raise AssertionError("the step read param_groups")
+        __iter__ = __len__ = __getitem__
+    ws.optimizer.param_groups = Untouchable()
+    with Ops() as ops:
+        ws.step()
+        ws.step()
+    host = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique2", "lift_fresh",
+            "lift_fresh_copy", "to_device", "equal", "is_nonzero"}
+    assert "convolution" in ops.names and not host & set(ops.names), sorted(host & set(ops.names))
+    assert int(ws.t) == 2
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_the_uncompiled_one(mnist_dir):
+    """compile=True (inductor's kernels for forward and loss) trains as step() does: bn_fc (no dropout)
+    for 8 steps, the same losses to 1e-4 (inductor fuses and reorders float sums)."""
+    recipe, x, y = small(256, "bn_fc", mnist_dir)
+    losses = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        ws = whole_step.WholeStep(models.build_model("bn_fc"), recipe, x, y, 32, 1, compile=compile)
+        ws.epoch(data.generator(0, torch.device("cpu")), 1, progress=False)
+        losses.append(ws.losses)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-4, atol=0), losses
+
+
+@pytest.mark.parametrize("name", list(models.RECIPES))
+def test_written_out_update_equals_torch_optim_over_a_whole_schedule(name):
+    """whole_step.Update (the optimizer written out for CUDA graphs) against the recipe's torch.optim
+    optimizer and scheduler over the recipe's whole schedule: every epoch, 8 steps each (at least
+    100 steps), the same gradients: every parameter to within 1e-6 of its largest value, and the
+    optimizer state torch keeps (momentum buffers, Adagrad's sums and step count) the same."""
+    recipe = models.RECIPES[name]
+    epochs = recipe["epochs"]
+    steps = max(8, -(-100 // epochs))
+    torch.manual_seed(0)
+    mine, theirs = models.build_model(name), None
+    theirs = copy.deepcopy(mine)
+    optimizer = models.build_optimizer(recipe, theirs)
+    scheduler, every = models.build_schedule(recipe, optimizer, epochs, steps)
+    update = whole_step.Update(models.build_optimizer(recipe, mine))
+    lrs, moms = whole_step.schedule_table(recipe, epochs, steps)
+    gen = torch.Generator().manual_seed(1)
+    for s in range(epochs * steps):
+        grads = [torch.randn(p.shape, generator=gen) for p in theirs.parameters()]
+        for p, g in zip(theirs.parameters(), grads):
+            p.grad = g.clone()
+        optimizer.step()
+        if scheduler is not None and every == "batch":
+            scheduler.step()
+        if scheduler is not None and every == "epoch" and (s + 1) % steps == 0:
+            scheduler.step()
+        update(grads, torch.tensor(lrs[s]), torch.tensor(moms[s] or 0.0))
+        if (s + 1) % steps == 0:
+            update.finish_epoch(lrs[s], moms[s], steps)
+    assert epochs * steps >= 100
+    for (k, a), b in zip(mine.named_parameters(), theirs.parameters()):
+        assert (a.detach().double() - b.detach().double()).abs().max() <= 1e-6 * b.detach().double().abs().max(), k
+    key = update.key
+    for p, q in zip(mine.parameters(), theirs.parameters()):
+        a, b = update.optimizer.state[p][key], optimizer.state[q][key]
+        assert (a.double() - b.double()).abs().max() <= 1e-6 * b.double().abs().max() + 1e-12, key
+        if key == "sum":
+            assert float(update.optimizer.state[p]["step"]) == float(optimizer.state[q]["step"])
