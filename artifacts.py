@@ -1,17 +1,17 @@
-"""Exported models: writing them, the manifest that vouches for them, and loading them safely.
+"""Exported models: writing them, and loading them safely (the manifest that vouches for them is
+manifest.py's; what a file must be and give, contract.py's).
 
 Formats, one input contract for all (see README):
     input  "image"      float32 [N, 1, 28, 28], pixels in [0, 1] (white digit on black); N dynamic.
                         Normalisation (mean 0.1307, std 0.3081) happens inside.
     output "log_probs"  float32 [N, 10], log-probabilities of the digits 0-9.
-ONNX files are data: ONNX Runtime runs them with its built-in operators only. TorchScript, pt2
+ONNX files are data: ONNX Runtime runs them once their graph passes contract.check_onnx (this
+project's operators only, sizes and work bounded). TorchScript, pt2
 (torch.export) and AOTInductor files are programs (loading them can run code they carry: see
 CODE), so they are loaded only when their sha256 is in the manifest.json that export.py writes
 beside its outputs, or when the user passes --trust-code.
 """
-import contextlib
 import copy
-import hashlib
 import io
 import json
 import os
@@ -24,10 +24,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import contract
 import data
 import models
 from errors import UserError, first_line
-from fileio import json_text, lock, save_text, stderr_into, unlock, write_synced
+from fileio import kind_of, stderr_into, write_synced
+from manifest import MANIFEST, read_manifest, sha256
 from runfiles import find_checkpoint, load_checkpoint
 
 # TorchScript is deprecated in favour of torch.export, but it is a format this project ships.
@@ -35,7 +37,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.", category=FutureWarni
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2", "aoti": ".aoti.pt2",
            "onnx-int8": ".int8.onnx"}
-ONNX = {"onnx", "onnx-int8"}  # data: run by ONNX Runtime's built-in operators
+ONNX = {"onnx", "onnx-int8"}  # data: checked by contract.check_onnx, then run by ONNX Runtime
 # Formats whose loading can run code the file carries. TorchScript: a scripted __setstate__.
 # pt2: torch.export.load unpickles the archive's sample inputs with torch.load(weights_only=False)
 # when weights_only=True fails (torch/_export/serde/serialize.py deserialize_torch_artifact), and
@@ -43,8 +45,8 @@ ONNX = {"onnx", "onnx-int8"}  # data: run by ONNX Runtime's built-in operators
 # _package.py _load_state_dict, _load_constants); torch's own docstring: "Never load data from an
 # untrusted source". aoti: a shared library that is dlopen'ed.
 CODE = {"torchscript", "pt2", "aoti"}
-KIND = {"onnx": "an ONNX file", "onnx-int8": "an int8 ONNX file", "torchscript": "a TorchScript file", "pt2": "a torch.export .pt2 file",
-        "aoti": "an AOTInductor package"}
+KIND = {"onnx": "an ONNX file", "onnx-int8": "an int8 ONNX file", "torchscript": "a TorchScript file",
+        "pt2": "a torch.export .pt2 file", "aoti": "an AOTInductor package"}
 # AOTInductor settings, measured side by side (BENCHMARKS.md). freezing (which acts only when
 # compiled under no_grad) folds BatchNorm into the conv weights: 4-8% faster at batch 1, but only
 # without cpp.weight_prepack, whose oneDNN convolutions are ~2x slower at batch 1 with a dynamic
@@ -58,7 +60,6 @@ MAX_BATCH = 1 << 20  # the dynamic batch dimension of every export: 1 .. MAX_BAT
 MAX_BATCH_CUDA = 65535
 
 CLASSES = [str(d) for d in range(10)]
-MANIFEST = "manifest.json"
 
 
 def format_of(path):
@@ -169,72 +170,7 @@ def write_aoti(module, path, meta, device="cpu"):
     write_synced(path, write)
 
 
-# ----------------------------------------------------------------------------- manifest
-
-def sha256(blob):
-    return hashlib.sha256(blob).hexdigest()
-
-
-@contextlib.contextmanager
-def _manifest_lock(folder):
-    """Two export.py processes writing one folder take turns updating its manifest."""
-    held = lock(folder, name=None, wait=True)
-    try:
-        yield
-    finally:
-        unlock(held)
-
-
-MAX_MANIFEST_BYTES = 1 << 20  # an entry is 200-500 bytes: thousands of files; anything larger is not one of ours
-HEX = set("0123456789abcdef")
-
-
-def read_manifest(folder):
-    """{file name: entry} of the manifest.json in `folder`, {} if there is none. One that is not what
-    export.py writes is refused (UserError): a symlink (export.py writes a plain file by rename; a link
-    would borrow another folder's record), larger than MAX_MANIFEST_BYTES, not JSON, or listing anything
-    but plain file names of this folder with a sha256 each."""
-    path = os.path.join(folder, MANIFEST)
-    bad = f"{path} is not a manifest export.py writes"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        if os.path.islink(path):
-            raise UserError(f"{bad}: it is a symbolic link (delete it and export again)") from None
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UserError(f"{bad}: it is not a regular file")
-        blob = f.read(MAX_MANIFEST_BYTES + 1)
-    if len(blob) > MAX_MANIFEST_BYTES:
-        raise UserError(f"{bad}: larger than {MAX_MANIFEST_BYTES:,} bytes (delete it and export again)")
-    try:
-        files = json.loads(blob)["files"]
-    except (ValueError, TypeError, KeyError):
-        raise UserError(f"{bad}: not a JSON object with a \"files\" object (delete it and export again)") from None
-    if not isinstance(files, dict):
-        raise UserError(f"{bad}: its \"files\" is not an object (delete it and export again)")
-    for name, entry in files.items():
-        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
-            raise UserError(f"{bad}: it lists {name!r}, not a file name in its own folder (delete it and export again)")
-        sha = entry.get("sha256") if isinstance(entry, dict) else None
-        if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= HEX):
-            raise UserError(f"{bad}: {name!r} has no sha256 (delete it and export again)")
-    return files
-
-
-def manifest_add(path, info):
-    """Record `path`'s sha256 and size (plus `info`) in the manifest.json beside it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    with open(path, "rb") as f:
-        blob = f.read()
-    with _manifest_lock(folder):
-        files = read_manifest(folder)
-        files[os.path.basename(path)] = dict(sha256=sha256(blob), bytes=len(blob), **info)
-        save_text(json_text({"files": dict(sorted(files.items()))}), os.path.join(folder, MANIFEST))
-
+# ------------------------------------------------------------------------- the trust rule
 
 def check_trusted(path, trust_code, blob=None):
     """Refuse a code-bearing file unless the manifest beside it vouches for these exact bytes."""
@@ -256,75 +192,82 @@ def check_trusted(path, trust_code, blob=None):
 
 # ------------------------------------------------------------------------------ loading
 
-def ort_session(path, threads=None, provider="CPUExecutionProvider"):
-    """An onnxruntime session on exactly `provider`: one that cannot start it raises, and no node may
-    fall back to the CPU quietly (bench.py would then time the CPU as CUDA)."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    if provider != "CPUExecutionProvider":
-        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    sess = ort.InferenceSession(path, opts, providers=[provider])
-    sess.disable_fallback()
-    if sess.get_providers()[0] != provider:
-        raise RuntimeError(f"onnxruntime could not start {provider} (it offered {sess.get_providers()})")
-    return sess
+MAX_CODE_BYTES = 1 << 30  # a TorchScript, pt2 or AOTInductor file (ours: 0.1-30 MB) is read whole, once
+CPU = "CPUExecutionProvider"
 
 
-def _check_onnx_contract(path, sess):
-    ins, outs = sess.get_inputs(), sess.get_outputs()
-    if len(ins) != 1 or ins[0].type != "tensor(float)" or len(ins[0].shape) != 4 or \
-            [d if isinstance(d, int) else None for d in ins[0].shape[1:]] != [1, 28, 28]:
-        raise UserError(f"{path} does not take one float32 [N, 1, 28, 28] input "
-                        f"(it takes {[(i.name, i.type, i.shape) for i in ins]})")
-    if len(outs) != 1 or outs[0].type != "tensor(float)" or len(outs[0].shape) != 2 or \
-            outs[0].shape[1] not in (10, None) and isinstance(outs[0].shape[1], int):
-        raise UserError(f"{path} does not give one float32 [N, 10] output "
-                        f"(it gives {[(o.name, o.type, o.shape) for o in outs]})")
-
-
-def load(path, trust_code=False, threads=None):
-    """A function float32 numpy [N, 1, 28, 28] in [0, 1] -> log-probabilities numpy [N, 10] for an
-    exported file, with its metadata dict as `.metadata`. Code-bearing formats must pass
-    check_trusted first; every call's output is checked against the contract."""
-    if not os.path.isfile(path):
-        raise UserError(f"artifact {path} does not exist")
+def load(path, trust_code=False, threads=None, provider=CPU, device=None):
+    """A function float32 numpy [N, 1, 28, 28] in [0, 1] -> log-probabilities numpy [N, 10] for an exported
+    file, with .metadata (contract.clean_metadata's), .format and .native, the format's own runnable for
+    callers that time it (bench.py): an onnxruntime InferenceSession on `provider` with `threads` intra-op
+    threads for ONNX, else a torch callable taking a float32 tensor on `device` (default: the CPU; an
+    AOTInductor package's is the one it was compiled for, and another is refused).
+    The file is read once, and what is checked is what loads: an ONNX graph passes contract.check_onnx
+    before any session exists, a code-bearing file check_trusted before torch sees it; then its metadata
+    is checked, and a fixed probe batch must give log-probabilities, as every later call must."""
     fmt = format_of(path)
+    blob = read_export(path, fmt)
     try:
         if fmt in ONNX:
-            import onnx
-            check_kind(path, fmt, path)
-            sess = ort_session(path, threads)
-            _check_onnx_contract(path, sess)
-            meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-            name = sess.get_inputs()[0].name
-
-            def raw(x):
-                out = sess.run(None, {name: x})
-                return out[0] if len(out) == 1 else out
+            check_kind(path, fmt, io.BytesIO(blob))
+            proto = contract.check_onnx(path, blob)
+            native = ort_session(blob, threads, provider)
+            meta = {p.key: p.value for p in proto.metadata_props}
+            name = native.get_inputs()[0].name
+            raw = lambda x: native.run(None, {name: x})[0]  # noqa: E731
         else:
-            with open(path, "rb") as f:
-                blob = f.read()
             check_trusted(path, trust_code, blob)  # nothing of the file runs before this
             check_kind(path, fmt, io.BytesIO(blob))
-            raw, meta = _load_torch(fmt, path, blob)  # from the bytes hashed, not from the path again
+            native, raw, meta = _load_torch(fmt, path, blob, device)  # from the bytes hashed, not the path again
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"cannot load {path}: {first_line(e)}") from None
-
-    def run(x):
-        try:
-            out = raw(x)
-        except Exception as e:
-            raise UserError(f"cannot run {path} on float32 [N, 1, 28, 28] input: {first_line(e)}") from None
-        if not (isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (len(x), 10)):
-            got = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
-            raise UserError(f"{path} breaks the output contract: it gave {got}, not one float32 [N, 10] array")
-        return out
-    run.metadata = meta if isinstance(meta, dict) else {}
+    meta = contract.clean_metadata(path, meta, models.RECIPES)
+    run = contract.checked(path, raw)
+    run(contract.probe_batch())
+    run.metadata, run.format, run.native = meta, fmt, native
     return run
+
+
+def read_export(path, fmt):
+    """The bytes of the exported file `path`: a regular file (a folder, FIFO or device is refused, and
+    never waited on) no larger than its format's files get."""
+    limit = contract.MAX_ONNX_BYTES if fmt in ONNX else MAX_CODE_BYTES
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UserError(f"artifact {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read artifact {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UserError(f"artifact {path} is {kind_of(mode)}, not a file export.py wrote")
+        with open(fd, "rb", closefd=False) as f:
+            blob = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(blob) > limit:
+        raise UserError(f"refusing {path}: larger than {limit:,} bytes, which no {fmt} file export.py writes reaches")
+    return blob
+
+
+def ort_session(model, threads=None, provider=CPU):
+    """An onnxruntime session of `model` (a path or the bytes) on exactly `provider`: one that cannot start
+    it raises, and no node may fall back to the CPU quietly (bench.py would then time the CPU as CUDA).
+    It runs what it is given: load() checks a file's graph first."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    if provider != CPU:
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    sess = ort.InferenceSession(model, opts, providers=[provider])
+    sess.disable_fallback()
+    if sess.get_providers()[0] != provider:
+        raise RuntimeError(f"onnxruntime could not start {provider} (it offered {sess.get_providers()})")
+    return sess
 
 
 def archive_kind(f):
@@ -350,26 +293,31 @@ def check_kind(path, fmt, f):
     raise UserError(f"{path} does not hold what its name says ({KIND[fmt]}): it is {got}")
 
 
-def _load_torch(fmt, path, blob):
-    """(raw run function, metadata) of a TorchScript, pt2 or AOTInductor file's bytes."""
-    device = "cpu"
+def _load_torch(fmt, path, blob, device=None):
+    """(the loaded module on its device, raw run function, metadata) of a TorchScript, pt2 or AOTInductor
+    file's bytes. `device`: where TorchScript and pt2 run (default CPU); an AOTInductor package runs where
+    it was compiled for, and another `device` is refused."""
     if fmt in ("torchscript", "pt2"):
+        device = torch.device(device or "cpu")
         extra = {"metadata.json": ""}  # both carry their metadata as this extra file (see the writers)
         with stderr_into():  # a damaged archive makes torch log a warning with a traceback before it raises
             if fmt == "torchscript":
-                module = torch.jit.load(io.BytesIO(blob), map_location="cpu", _extra_files=extra).eval()
+                module = torch.jit.load(io.BytesIO(blob), map_location=device, _extra_files=extra).eval()
             else:
-                module = torch.export.load(io.BytesIO(blob), extra_files=extra).module()
-        meta = json.loads(extra["metadata.json"] or "{}")
+                module = torch.export.load(io.BytesIO(blob), extra_files=extra).module().to(device)
+        meta = extra["metadata.json"]
     else:
         from torch._inductor import aoti_load_package
         models.quiet_inductor()
         with stderr_into():  # likewise ("Loading outdated pt2 file") before it raises
             module = aoti_load_package(io.BytesIO(blob))  # these bytes, copied to a private temp file
         meta = module.get_metadata()
-        device = meta.get("AOTI_DEVICE_KEY", "cpu")
-        if device == "cuda" and not torch.cuda.is_available():
+        compiled = torch.device(meta.get("AOTI_DEVICE_KEY", "cpu"))
+        if compiled.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"{path} is an AOTInductor package compiled for CUDA, and this machine has no CUDA device")
+        if device is not None and torch.device(device).type != compiled.type:
+            raise UserError(f"{path} is an AOTInductor package compiled for {compiled.type}, not {device}")
+        device = compiled
 
     def raw(x):
         if fmt == "aoti":
@@ -382,7 +330,7 @@ def _load_torch(fmt, path, blob):
         with torch.no_grad():
             out = module(torch.from_numpy(x).to(device))
         return out.cpu().numpy() if isinstance(out, torch.Tensor) else out
-    return raw, meta
+    return module, raw, meta
 
 
 def read_metadata(path, trust_code=False):
@@ -426,17 +374,19 @@ def classifier(source, trust_code=False, device="cpu", model_name=None, kind=Non
     checkpoint train.py wrote, or a registry name (its runs/<model>/latest/best.pt, else pretrained/).
     kind 'artifact' or 'checkpoint' reads it as that whatever its name (the scripts' --artifact and
     --checkpoint); device is where a checkpoint's model runs."""
-    if kind is None and source in models.RECIPES and not os.path.exists(source):
+    if kind is None and source in models.RECIPES and not os.path.isfile(source):
         source = find_checkpoint(source)
+    if os.path.isdir(source):
+        raise UserError(f"{source} is a folder; give a checkpoint, a file export.py wrote, or a model name")
     if kind == "artifact" or kind is None and is_export(source):
         run = load(source, trust_code)
-        meta = run.metadata
-        return Classifier(lambda x, batch_size: log_probs(run, x, batch_size), meta.get("model", "?"), source, format_of(source),
-                          recorded_accuracy(meta.get("test_acc")), meta)
+        meta = run.metadata  # checked: its model is a registry name, its figures in range, its texts printable
+        return Classifier(lambda x, batch_size: log_probs(run, x, batch_size), meta["model"], source,
+                          format_of(source), recorded_accuracy(meta.get("test_acc")), meta)
     ckpt = load_checkpoint(source, model_name)
     model = models.from_checkpoint(ckpt).to(device)
-    return Classifier(lambda x, batch_size: models.log_probs(model, x, batch_size), ckpt["model_name"], source, "checkpoint",
-                      ckpt["test_acc"], ckpt=ckpt)
+    return Classifier(lambda x, batch_size: models.log_probs(model, x, batch_size), ckpt["model_name"], source,
+                      "checkpoint", ckpt["test_acc"], ckpt=ckpt)
 
 
 def recorded_accuracy(text):
@@ -450,20 +400,30 @@ def recorded_accuracy(text):
 
 # ------------------------------------------------------------------------------- int8
 
+# The int8 settings, one record: quantize_static is called with exactly these (each name an
+# onnxruntime.quantization enum member), and every int8 file carries them in its metadata.
 INT8 = dict(quant_format="QDQ", per_channel=True, activation_type="QUInt8", weight_type="QInt8",
-            calibrate_method="MinMax")  # onnxruntime.quantization.quantize_static's settings, recorded in the file
+            calibrate_method="MinMax")
+
+
+def quantize_options():
+    """INT8 as quantize_static's keyword arguments."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    enums = dict(quant_format=QuantFormat, activation_type=QuantType, weight_type=QuantType,
+                 calibrate_method=CalibrationMethod)
+    return {k: enums[k][v] if k in enums else v for k, v in INT8.items()}
 
 
 def write_onnx_int8(module, path, meta, opset, calibration):
     """Static int8 ONNX with onnxruntime's own tools: the fp32 export, quant_pre_process (shape
-    inference and graph optimisation), then quantize_static in QDQ format with per-channel int8
-    weights and uint8 activations, calibrated (MinMax) on `calibration`, float32 [n, 1, 28, 28]
+    inference and graph optimisation), then quantize_static with INT8's settings (QDQ, per-channel int8
+    weights, uint8 activations, MinMax) calibrated on `calibration`, float32 [n, 1, 28, 28]
     training images (data.calibration_set). Same input and output as the fp32 file; its metadata is
     the fp32 file's plus the quantisation settings and the calibration set."""
     import tempfile
 
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Batches(CalibrationDataReader):
@@ -479,8 +439,7 @@ def write_onnx_int8(module, path, meta, opset, calibration):
         write_onnx(module, fp32, meta, opset)
         with stderr_into():   # the quantiser logs advice to pre-process (done) and per-node notes
             quant_pre_process(fp32, pre)
-            quantize_static(pre, q, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            quantize_static(pre, q, Batches(), **quantize_options())
         proto = onnx.load(q)
     onnx.helper.set_model_props(proto, dict(meta, quantization=json.dumps(INT8),
                                             calibration=f"the first {len(calibration):,} MNIST training images "

@@ -82,6 +82,9 @@ def resolve_dir(data_dir=None):
     if data_dir or os.environ.get("MNIST_DIR"):
         folder = data_dir or os.environ["MNIST_DIR"]
         source = "--data-dir" if data_dir else "$MNIST_DIR"
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise DataError(f"{source} {folder} is a file, not a folder (point it at the folder of the four MNIST "
+                            "IDX files)")
         if not os.path.isdir(folder):
             raise DataError(f"{source} folder {folder} does not exist (point it at the four MNIST IDX files)")
         missing = [stem for stem in FILES.values() if not _find(folder, stem)]

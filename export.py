@@ -20,9 +20,10 @@ import torch
 
 import artifacts
 import data
+import manifest
 import models
-from errors import UserError, check_positive, first_line, one_line_errors
-from fileio import check_keeps_inputs, check_out_dir, tmp_path
+from errors import UserError, first_line, one_line_errors
+from fileio import check_keeps_inputs, check_out_dir, staged
 from machine import get_device
 from runfiles import find_checkpoint, load_checkpoint
 
@@ -101,55 +102,57 @@ def export(ckpt, fmt, out_dir, opset, data_dir, tolerance, device="cpu", int8_to
 
 def check_out(out_dir):
     """The output folder, before any work: writable, and holding no manifest.json but one export.py can
-    update (artifacts.read_manifest refuses the rest: garbage, huge, a symlink, odd names)."""
+    update (manifest.read_manifest refuses the rest: garbage, huge, a symlink, odd names)."""
     check_out_dir(out_dir, "--out")
-    artifacts.read_manifest(out_dir)
+    manifest.read_manifest(out_dir)
+
+
+def write(src, fmt, path, opset, device):
+    """The writer of `fmt` writes `path`; torch's exporters' own exceptions become one line."""
+    try:
+        if fmt == "onnx":
+            artifacts.write_onnx(src.module, path, src.meta, opset)
+        elif fmt == "torchscript":
+            artifacts.write_torchscript(src.module, path, src.meta)
+        elif fmt == "pt2":
+            artifacts.write_pt2(src.module, path, src.meta)
+        elif fmt == "onnx-int8":
+            artifacts.write_onnx_int8(src.module, path, src.meta, opset, data.calibration_set(src.data_dir))
+        else:
+            artifacts.write_aoti(src.module, path, src.meta, str(device))
+    except (UserError, OSError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # torch's exporters raise their own kinds, with pages of detail
+        raise UserError(f"{fmt} export of {src.ckpt['model_name']} failed in torch's exporter ({type(e).__name__}: "
+                        f"{first_line(e)}); nothing written") from None
+
+
+def mismatch(fmt, name, figures, tolerance, int8_tolerance):
+    """The one line of a verification that failed."""
+    if fmt == "onnx-int8":
+        at1 = f" and {figures['batch1_accuracy']:.2f}% at batch 1" if figures["batch1_accuracy"] is not None else ""
+        return (f"{fmt} export of {name} loses too much accuracy: {figures['accuracy']:.2f}% at batch 1000{at1} "
+                f"against fp32's {figures['fp32_accuracy']:.2f}% (--int8-tolerance {int8_tolerance:g} pp); "
+                "nothing written")
+    return (f"{fmt} export of {name} does not match PyTorch: {figures['same_predictions']}/{figures['images']} same "
+            f"predictions, max |diff| {max(figures['max_abs_diff'], figures['batch1_max_abs_diff'] or 0):.2e} "
+            f"(tolerance {tolerance:g}); nothing written")
 
 
 def export_verified(src, fmt, out_dir, opset, tolerance, device="cpu", int8_tolerance=0.2):
     """Export, verify, keep, record in the manifest. Returns (path, figures); raises UserError on a mismatch.
-    The writer writes the staged file itself (its name keeps the format's suffix, which loaders go by),
-    and only a verified one is renamed into place. `device` is where an AOTInductor package is compiled
-    for (the other formats are device-free)."""
+    The writer writes a temp file beside the output (fileio.staged: its name keeps the format's suffix,
+    which loaders go by), and only a verified one is renamed into place. `device` is where an
+    AOTInductor package is compiled for (the other formats are device-free)."""
     name = src.ckpt["model_name"]
     suffix = artifacts.FORMATS[fmt]
     path = os.path.join(out_dir, name + suffix)
-    staged = tmp_path(path, suffix)
-    try:
-        try:
-            if fmt == "onnx":
-                artifacts.write_onnx(src.module, staged, src.meta, opset)
-            elif fmt == "torchscript":
-                artifacts.write_torchscript(src.module, staged, src.meta)
-            elif fmt == "pt2":
-                artifacts.write_pt2(src.module, staged, src.meta)
-            elif fmt == "onnx-int8":
-                artifacts.write_onnx_int8(src.module, staged, src.meta, opset, data.calibration_set(src.data_dir))
-            else:
-                artifacts.write_aoti(src.module, staged, src.meta, str(device))
-        except (UserError, OSError, KeyboardInterrupt):
-            raise
-        except Exception as e:  # torch's exporters raise their own kinds, with pages of detail
-            raise UserError(f"{fmt} export of {name} failed in torch's exporter ({type(e).__name__}: {first_line(e)}); "
-                            "nothing written") from None
-        if fmt == "onnx-int8":
-            figures = verify_int8(staged, src, int8_tolerance)
-            if not figures["ok"]:
-                at1 = f" and {figures['batch1_accuracy']:.2f}% at batch 1" if figures["batch1_accuracy"] else ""
-                raise UserError(f"{fmt} export of {name} loses too much accuracy: {figures['accuracy']:.2f}% at batch "
-                                f"1000{at1} against fp32's {figures['fp32_accuracy']:.2f}% (--int8-tolerance "
-                                f"{int8_tolerance:g} pp); nothing written")
-        else:
-            figures = verify(staged, src.reference, src.images, src.labels, tolerance)
+    with staged(path, suffix) as tmp:  # renamed over `path` only if the block ends without an error
+        write(src, fmt, tmp, opset, device)
+        figures = verify_int8(tmp, src, int8_tolerance) if fmt == "onnx-int8" else \
+            verify(tmp, src.reference, src.images, src.labels, tolerance)
         if not figures["ok"]:
-            raise UserError(f"{fmt} export of {name} does not match PyTorch: {figures['same_predictions']}/"
-                            f"{figures['images']} same predictions, max |diff| "
-                            f"{max(figures['max_abs_diff'], figures['batch1_max_abs_diff'] or 0):.2e} "
-                            f"(tolerance {tolerance:g}); nothing written")
-        os.replace(staged, path)
-    finally:
-        if os.path.exists(staged):
-            os.remove(staged)
+            raise UserError(mismatch(fmt, name, figures, tolerance, int8_tolerance))
     info = dict(format=fmt, model=name, test_acc=src.ckpt["test_acc"], epoch=src.ckpt["epoch"],
                 verified_accuracy=figures["accuracy"], max_abs_diff=figures["max_abs_diff"])
     if fmt == "onnx-int8":
@@ -157,11 +160,20 @@ def export_verified(src, fmt, out_dir, opset, tolerance, device="cpu", int8_tole
                     calibration_images=data.CALIBRATION_IMAGES)
     if fmt == "aoti":  # compiled code: for this device type (and, on CPU, this instruction set)
         info.update(device=str(device), inductor_configs=artifacts.AOTI_CONFIGS)
-    artifacts.manifest_add(path, info)
+    manifest.manifest_add(path, info)
     return path, figures
 
 
-def main(argv=None):
+def check_tolerances(args):
+    """--tolerance and --int8-tolerance: 0 or more (0 asks for an exact export, which the checks, all
+    "at most", accept), finite."""
+    for flag in ("tolerance", "int8_tolerance"):
+        v = getattr(args, flag)
+        if not 0 <= v < float("inf"):
+            raise UserError(f"--{flag.replace('_', '-')} must be a number of 0 or more, got {v}")
+
+
+def parser():
     p = argparse.ArgumentParser(description="Export a trained model and verify it against PyTorch on all 10,000 "
                                 "test images before keeping it.")
     p.add_argument("--model", help=f"one of: {', '.join(models.RECIPES)} (default: the checkpoint's, else bn_gap)")
@@ -169,7 +181,7 @@ def main(argv=None):
     p.add_argument("--format", default="onnx", choices=[*artifacts.FORMATS, "all"],
                    help="default: onnx; all writes every format")
     p.add_argument("--out", default="exports", help="output folder (default: exports/); export.py records every "
-                   f"file it writes with its sha256 in {artifacts.MANIFEST} there")
+                   f"file it writes with its sha256 in {manifest.MANIFEST} there")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18); one the exporter cannot produce "
                    "exactly is refused")
     p.add_argument("--tolerance", type=float, default=1e-4,
@@ -180,11 +192,15 @@ def main(argv=None):
     p.add_argument("--data-dir", help="MNIST folder for the verification (default: $MNIST_DIR, then ./data)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="what an AOTInductor package is compiled for (default auto: CUDA if present, else CPU)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with one_line_errors("interrupted: files already verified are kept; nothing half-written is left"):
         if args.model:
             models.get_recipe(args.model)
-        check_positive(args, "tolerance", "int8_tolerance")
+        check_tolerances(args)
         path = find_checkpoint(args.model or "bn_gap", args.checkpoint)
         ckpt = load_checkpoint(path, args.model)
         formats = list(artifacts.FORMATS) if args.format == "all" else [args.format]
@@ -194,10 +210,11 @@ def main(argv=None):
             artifacts.check_cxx()  # before any export, not after the first three
         check_out(args.out)
         check_keeps_inputs([os.path.join(args.out, ckpt["model_name"] + artifacts.FORMATS[f]) for f in formats] +
-                           [os.path.join(args.out, artifacts.MANIFEST)], [path])
+                           [os.path.join(args.out, manifest.MANIFEST)], [path])
         if "onnx-int8" in formats:
             data.calibration_set(args.data_dir)  # refused now, not after other formats, if it holds test images
-        print(f"{ckpt['model_name']}: {path} (epoch {ckpt['epoch']}, test accuracy {ckpt['test_acc']:.2f}%)", flush=True)
+        print(f"{ckpt['model_name']}: {path} (epoch {ckpt['epoch']}, test accuracy {ckpt['test_acc']:.2f}%)",
+              flush=True)
         src = source(ckpt, args.data_dir)  # one model, one reference, one test set for every format
         for fmt in formats:
             out, f = export_verified(src, fmt, args.out, args.opset, args.tolerance, device, args.int8_tolerance)

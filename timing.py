@@ -214,28 +214,29 @@ def inference_backends(name, device, tmp, opts):
     torchscript a .torchscript.pt (then frozen), onnxruntime a .onnx, pt2 a torch.export .pt2,
     aoti an AOTInductor package compiled for `device`; onnxruntime-int8 a .int8.onnx calibrated on
     opts.calibration. `opts`: a Settings (its backends are the ones wanted)."""
-    from torch._inductor import aoti_load_package
     model = models.build_model(name).eval()
     ckpt = make_checkpoint(name, model.state_dict(), 0, 0.0, models.n_params(model))
     meta = artifacts.metadata(ckpt)
     cpu_module = artifacts.Exportable(model).eval()
     provider = ort_provider(device)
 
-    def ort_load(path):
+    def ort_load(path):  # the loader checks the file; bench_infer makes a session per thread count
         import onnxruntime as ort
         if provider not in ort.get_available_providers():
             raise RuntimeError(f"{provider} is not in this onnxruntime build (pip install onnxruntime-gpu for CUDA)")
-        artifacts.ort_session(path, None, provider)
+        artifacts.load(path, provider=provider)
         return path
+
+    def torch_load(path):  # the loader every script uses; bench wrote the file itself, so it is trusted
+        return artifacts.load(path, trust_code=True, device=device).native
 
     # backend: (file suffix, write it, load it back); all written from the CPU model, before it moves
     files = dict(
         eager=(".pt", lambda p: save_checkpoint(ckpt, p), lambda p: models.from_checkpoint(load_checkpoint(p))),
-        torchscript=(".torchscript.pt", lambda p: artifacts.write_torchscript(cpu_module, p, meta),
-                     lambda p: torch.jit.load(p, map_location=device).eval()),
+        torchscript=(".torchscript.pt", lambda p: artifacts.write_torchscript(cpu_module, p, meta), torch_load),
         onnxruntime=(".onnx", lambda p: artifacts.write_onnx(cpu_module, p, meta, 18), ort_load),
-        pt2=(".pt2", lambda p: artifacts.write_pt2(cpu_module, p, meta), lambda p: torch.export.load(p).module()),
-        aoti=(".aoti.pt2", lambda p: artifacts.write_aoti(cpu_module, p, meta, device.type), aoti_load_package),
+        pt2=(".pt2", lambda p: artifacts.write_pt2(cpu_module, p, meta), torch_load),
+        aoti=(".aoti.pt2", lambda p: artifacts.write_aoti(cpu_module, p, meta, device.type), torch_load),
     )
     files["onnxruntime-int8"] = (".int8.onnx", lambda p: artifacts.write_onnx_int8(cpu_module, p, meta, 18,
                                                                                   opts.calibration), ort_load)
@@ -250,7 +251,8 @@ def inference_backends(name, device, tmp, opts):
             loaded[backend], figures[backend] = file_figures(path, load)
         except Exception as e:
             skipped.append(f"infer {name} {device.type} {backend}: {one_line(e)}")
-    module = artifacts.Exportable(model).eval().to(device)
+    # eager runs the model loaded back from its checkpoint (the in-memory one where that load failed)
+    module = artifacts.Exportable(loaded.get("eager", model)).eval().to(device)
 
     def no_grad(fn):
         def run(x):
@@ -262,7 +264,7 @@ def inference_backends(name, device, tmp, opts):
                   torchscript=lambda: no_grad(torch.jit.freeze(loaded["torchscript"])),
                   compile=lambda: no_grad(models.compile_model(module)),  # CUDA graphs on CUDA: launch-bound batch 1
                   onnxruntime=lambda: loaded["onnxruntime"],
-                  pt2=lambda: no_grad(loaded["pt2"].to(device)),
+                  pt2=lambda: no_grad(loaded["pt2"]),
                   **{"onnxruntime-int8": lambda: loaded["onnxruntime-int8"]},
                   aoti=lambda: no_grad(loaded["aoti"]))
     out = {}

@@ -19,7 +19,9 @@ import data
 import errors
 import evaluate
 import export
+import manifest
 import models
+import runfiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,11 +39,11 @@ def check_verified(out, ckpt, figures):
         assert f["batch1_max_abs_diff"] <= 1e-4 and f["accuracy"] == ckpt["test_acc"]
     assert sorted(p.name for p in out.iterdir()) == sorted([os.path.basename(p) for p, _ in figures.values()] +
                                                            ["manifest.json"])
-    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    listed = json.loads((out / "manifest.json").read_text())["files"]
     for fmt, (path, f) in figures.items():
-        entry = manifest[os.path.basename(path)]
+        entry = listed[os.path.basename(path)]
         assert entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest() and entry["format"] == fmt
-    return manifest
+    return listed
 
 
 def test_every_format_verified(exported):
@@ -54,10 +56,10 @@ def test_every_format_verified(exported):
 @pytest.mark.slow
 def test_aoti_package_verified(aoti_package):
     path, ckpt, f = aoti_package
-    manifest = check_verified(Path(path).parent, ckpt, {"aoti": (path, f)})
-    assert sorted(manifest) == ["bn_fc.aoti.pt2"]
-    assert manifest["bn_fc.aoti.pt2"]["device"] == "cpu"
-    assert manifest["bn_fc.aoti.pt2"]["inductor_configs"] == artifacts.AOTI_CONFIGS
+    listed = check_verified(Path(path).parent, ckpt, {"aoti": (path, f)})
+    assert sorted(listed) == ["bn_fc.aoti.pt2"]
+    assert listed["bn_fc.aoti.pt2"]["device"] == "cpu"
+    assert listed["bn_fc.aoti.pt2"]["inductor_configs"] == artifacts.AOTI_CONFIGS
 
 
 def test_format_of_tells_aoti_from_pt2():
@@ -173,7 +175,7 @@ def test_code_needs_the_manifest_or_trust_code(name, exported, tmp_path, request
     with pytest.raises(errors.UserError, match="not listed in the manifest.json"):
         artifacts.load(str(tmp_path / name))
     assert artifacts.load(str(tmp_path / name), trust_code=True).metadata["model"] == "bn_fc"
-    artifacts.manifest_add(str(tmp_path / name), {})
+    manifest.manifest_add(str(tmp_path / name), {})
     artifacts.load(str(tmp_path / name))  # vouched for now
     with open(tmp_path / name, "ab") as f:
         f.write(b"\0")  # any change to the bytes
@@ -193,7 +195,7 @@ def test_a_file_swapped_after_hashing_is_not_what_loads(name, exported, tmp_path
     out, _, _ = exported
     good = request.getfixturevalue("aoti_package")[0] if name.endswith(".aoti.pt2") else out / name
     shutil.copy(good, tmp_path / name)
-    artifacts.manifest_add(str(tmp_path / name), {})
+    manifest.manifest_add(str(tmp_path / name), {})
     monkeypatch.chdir(tmp_path)  # where the TorchScript file's code would create "pwned"
     evil = tmp_path / "evil"
     if name.endswith(".pt2") and not name.endswith(".aoti.pt2"):
@@ -281,7 +283,25 @@ def test_missing_compiler_is_one_line_and_writes_nothing(trained, mnist_dir, tmp
 
 
 def test_cli_without_checkpoint_says_what_to_run(tmp_path, monkeypatch, capsys):
+    """No run under the current folder and no shipped checkpoint beside the scripts: it says what to run."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runfiles, "__file__", str(tmp_path / "runfiles.py"))  # no pretrained/ beside it
     with pytest.raises(SystemExit) as e:
         export.main(["--format", "onnx"])
     assert "python train.py --model bn_gap" in str(e.value.code)
+
+
+def test_a_zero_tolerance_is_met_by_an_exact_export(monkeypatch):
+    """--tolerance 0 and --int8-tolerance 0 ask for an exact export, and every check is "at most": a file
+    that gives PyTorch's log-probabilities exactly (for int8: the fp32 accuracy exactly) is kept; one off
+    by 1e-6 is not."""
+    ref = torch.log_softmax(torch.randn(50, 10, generator=torch.Generator().manual_seed(0)), 1)
+    images, labels = torch.zeros(50, 28, 28, dtype=torch.uint8), ref.argmax(1)
+    src = export.Source(ckpt=None, module=None, meta=None, images=images, labels=labels, reference=ref)
+    for off, ok in ((0.0, True), (1e-6, False)):
+        monkeypatch.setattr(artifacts, "classifier", lambda *a, **k: lambda x, batch_size=1000: ref + off)
+        f = export.verify("m.onnx", ref, images, labels, 0.0)
+        # float32 rounds ref + 1e-6 to a neighbour of it: the difference is near 1e-6, not exactly it
+        assert f["ok"] is ok and f["max_abs_diff"] == pytest.approx(off, abs=2.5e-7), f
+    monkeypatch.setattr(artifacts, "classifier", lambda *a, **k: lambda x, batch_size=1000: ref)
+    assert export.verify_int8("m.int8.onnx", src, 0.0)["ok"]

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import zipfile
 import zlib
 
@@ -21,6 +22,7 @@ from onnx import TensorProto, helper
 import artifacts
 import errors
 import fileio
+import manifest
 import runfiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,11 +106,12 @@ def hostile(tmp_path_factory, mnist_dir, trained):
     head = (2051).to_bytes(4, "big") + (10000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
     gzip_bomb(d / "bomb" / "t10k-images-idx3-ubyte.gz", head, 1 << 30)
     # exported files: code, and files that break the output contract
-    torch.jit.save(torch.jit.script(Evil()), d / "evil.torchscript.pt")
+    meta = {"metadata.json": json.dumps({"model": "bn_fc"})}  # what every export carries: each case tests its own point
+    torch.jit.save(torch.jit.script(Evil()), d / "evil.torchscript.pt", _extra_files=meta)
     (d / "listed").mkdir()
     shutil.copy(d / "evil.torchscript.pt", d / "listed" / "evil.torchscript.pt")
     (d / "listed" / "manifest.json").write_text(json.dumps({"files": {"evil.torchscript.pt": {"sha256": "0" * 64}}}))
-    torch.jit.save(torch.jit.script(TupleOut()), d / "tuple.torchscript.pt")
+    torch.jit.save(torch.jit.script(TupleOut()), d / "tuple.torchscript.pt", _extra_files=meta)
     onnx_file(str(d / "out5.onnx"), [tensor("image", ["N", 1, 28, 28])], [tensor("y", ["N", 5])],
               [helper.make_node("Flatten", ["image"], ["y0"]),
                helper.make_node("Slice", ["y0", "s", "e", "a"], ["y"])])
@@ -144,7 +147,7 @@ def hostile(tmp_path_factory, mnist_dir, trained):
         if text is not None:
             (d / "m" / name / "manifest.json").write_text(text)
     with open(d / "m" / "huge" / "manifest.json", "wb") as f:
-        f.truncate(artifacts.MAX_MANIFEST_BYTES + 1)  # sparse
+        f.truncate(manifest.MAX_MANIFEST_BYTES + 1)  # sparse
     os.symlink(d / "m" / "good" / "manifest.json", d / "m" / "link" / "manifest.json")  # vouches for these bytes
     # files whose bytes are another format than their names say
     pt2 = torch._C.PyTorchFileWriter(str(d / "archive.pt2"))  # a PT2 archive (no program) as torch's
@@ -171,12 +174,37 @@ def hostile(tmp_path_factory, mnist_dir, trained):
     head = (2051).to_bytes(4, "big") + (60000).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
     (d / "leaky" / "train-images-idx3-ubyte").write_bytes(head + train.tobytes())
     (d / "a-folder.json").mkdir()
+    # what may stand at an output's name: a FIFO, a link to /dev/stdout, a read-only file; a folder at
+    # export.py's own output name and at its manifest's; evaluate's report.json a FIFO
+    (d / "out").mkdir()
+    os.mkfifo(d / "out" / "fifo.json")
+    os.symlink("/dev/stdout", d / "out" / "stdout.json")
+    (d / "out" / "ro.json").write_text("{}")
+    os.chmod(d / "out" / "ro.json", 0o444)
+    (d / "taken" / "bn_fc.onnx").mkdir(parents=True)
+    (d / "manifest-dir" / "manifest.json").mkdir(parents=True)
+    (d / "fifo-out").mkdir()
+    os.mkfifo(d / "fifo-out" / "report.json")
+    (d / "a-file").write_text("not MNIST")
+    # user files beside evaluate's outputs that look like temp files: never removed
+    for name in LOOKALIKES:
+        (d / "garbage-run" / name).write_text("mine")
+    # ONNX files that loop, ask for 2**40 floats, give logits or carry escape sequences in their metadata
+    import test_contract
+    (d / "onnx").mkdir()
+    crafted = {case: kw for case, kw, _ in test_contract.HOSTILE}
+    for name, case in (("loop", "a Loop of 10**15 iterations"), ("bomb", "a ConstantOfShape of 2**40 floats")):
+        test_contract.classifier_onnx(d / "onnx" / f"{name}.onnx", **crafted[case])
+    test_contract.classifier_onnx(d / "onnx" / "logits.onnx", log_softmax=False)
+    title = dict(test_contract.META, model="bn_fc\x1b]0;owned\x07\x1b[2J")  # retitles the window, clears the screen
+    test_contract.classifier_onnx(d / "onnx" / "title.onnx", meta=title)
     (d / "held").mkdir()
     (d / "cuda-run").mkdir()
     torch.save(dict(last, rng=dict(last["rng"], device="cuda")), d / "cuda-run" / "last.pt")
     return d
 
 
+LOOKALIKES = ["holiday.2019.tmp.jpg", "report.json.12.tmp", f"report.html.{'9' * 20}.tmp", "notes.99999.tmp.txt"]
 CASES = [  # (id, script, args, expected exit code, what stderr must say)
     ("code: TorchScript without a manifest", "evaluate.py", ["--artifact", "{h}/evil.torchscript.pt"], 1,
      "is not listed in the manifest.json"),
@@ -194,7 +222,7 @@ CASES = [  # (id, script, args, expected exit code, what stderr must say)
     ("resume: best.pt copied as last.pt", "train.py", ["--resume", "{h}/best-copy", "--device", "cpu"], 1,
      "no training state"),
     ("resume: optimizer state does not fit", "train.py", ["--resume", "{h}/bad-optimizer"], 1,
-     "optimizer, schedule or RNG state does not fit"),
+     "optimizer, schedule or RNG state do not fit"),
     ("resume: flags it would ignore", "train.py", ["--resume", "{t}", "--epochs", "5", "--amp"], 1,
      "drop --epochs, --amp"),
     ("resume: another recipe", "train.py", ["--resume", "{t}", "--model", "gap10k"], 1, "is a bn_fc run, not gap10k"),
@@ -212,11 +240,40 @@ CASES = [  # (id, script, args, expected exit code, what stderr must say)
     ("args: --workers -1", "train.py", ["--workers", "-1"], 1, "--workers must be at least 0"),
     ("args: --opset the exporter cannot produce", "export.py", ["--checkpoint", "{t}/best.pt", "--opset", "9",
                                                                 "--out", "x"], 1, "not the asked 9"),
-    ("args: --tolerance 0", "export.py", ["--checkpoint", "{t}/best.pt", "--tolerance", "0"], 1,
-     "--tolerance must be a positive number"),
+    ("args: --tolerance below 0", "export.py", ["--checkpoint", "{t}/best.pt", "--tolerance=-1e-9"], 1,
+     "--tolerance must be a number of 0 or more"),
     ("args: --tolerance nan", "export.py", ["--checkpoint", "{t}/best.pt", "--tolerance", "nan"], 1,
-     "--tolerance must be a positive number"),
+     "--tolerance must be a number of 0 or more"),
+    ("args: --int8-tolerance inf", "export.py",
+     ["--checkpoint", "{t}/best.pt", "--format", "onnx-int8", "--int8-tolerance", "inf"], 1,
+     "--int8-tolerance must be a number of 0"),
     ("args: --json names a folder", "bench.py", ["--json", "{h}/a-folder.json"], 1, "is a folder"),
+    ("out: --json a FIFO", "bench.py", ["--json", "{h}/out/fifo.json"], 1, "is a FIFO, not a regular file"),
+    ("out: --json a link to /dev/stdout", "bench.py", ["--json", "{h}/out/stdout.json"], 1,
+     "is a symbolic link to /dev/stdout (in /dev)"),
+    ("out: --json a read-only file", "bench.py", ["--json", "{h}/out/ro.json"], 1, "is read-only"),
+    ("out: --json too long a name", "bench.py", ["--json", "{h}/out/" + "j" * 300 + ".json"], 1, "file name too long"),
+    ("out: evaluate's report.json a FIFO", "evaluate.py", ["--checkpoint", "{t}/best.pt", "--out", "{h}/fifo-out"], 1,
+     "report.json is a FIFO"),
+    ("out: a folder at export's own output name (and --tolerance 0 is accepted)", "export.py",
+     ["--checkpoint", "{t}/best.pt", "--tolerance", "0", "--int8-tolerance", "0", "--out", "{h}/taken"], 1,
+     "taken/bn_fc.onnx is a folder, not a file"),
+    ("out: a folder named manifest.json", "export.py", ["--checkpoint", "{t}/best.pt", "--out", "{h}/manifest-dir"], 1,
+     "manifest.json is not a manifest export.py writes: it is a folder"),
+    ("data: --data-dir a file", "evaluate.py", ["--checkpoint", "{t}/best.pt", "--data-dir", "{h}/a-file"], 1,
+     "is a file, not a folder"),
+    ("onnx: a Loop of 10**15 iterations (compare)", "compare.py", ["{h}/onnx/loop.onnx", "{t}/best.pt"], 1,
+     "'Loop' node"),
+    ("onnx: a Loop of 10**15 iterations (evaluate)", "evaluate.py", ["--artifact", "{h}/onnx/loop.onnx"], 1,
+     "'Loop' node"),
+    ("onnx: a Loop of 10**15 iterations (predict)", "predict.py", ["--artifact", "{h}/onnx/loop.onnx", "x.png"], 1,
+     "'Loop' node"),
+    ("onnx: 2**40 floats (evaluate)", "evaluate.py", ["--artifact", "{h}/onnx/bomb.onnx"], 1, "'ConstantOfShape' node"),
+    ("export: logits, not log-probabilities (predict)", "predict.py",
+     ["--artifact", "{h}/onnx/logits.onnx", "x.png"], 1, "its rows are not log-probabilities"),
+    ("export: escape sequences in its metadata (compare)", "compare.py", ["{h}/onnx/title.onnx", "{t}/best.pt"], 1,
+     "names the model 'bn_fc\\x1b]0;owned"),
+    ("compare: a folder", "compare.py", ["{h}/taken", "{t}/best.pt"], 1, "taken is a folder"),
     ("args: --json unwritable", "bench.py", ["--json", "/proc/no/where.json"], 1, "missing or read-only"),
     ("args: --out unwritable", "evaluate.py", ["--checkpoint", "{t}/best.pt", "--out", "/proc/x"], 1,
      "cannot write to --out folder"),
@@ -310,6 +367,16 @@ def test_hostile_input_gets_one_line(results, hostile, cid, script, args, code, 
     leftovers = [os.path.join(dp, f) for dp, _, fs in os.walk(r["cwd"]) for f in fs]
     assert not [f for f in leftovers if ".tmp" in f or f.endswith((".pt", ".onnx"))], leftovers
     assert not (hostile / "pwned").exists() and not os.path.exists(os.path.join(r["cwd"], "pwned"))
+    assert "\x1b" not in r["err"]  # what a file holds reaches the terminal printable
+
+
+def test_refused_outputs_are_left_as_they_were(hostile, results):
+    """A FIFO, a link to /dev/stdout, a read-only file, folders at an output's name: still there, as they were."""
+    out = hostile / "out"
+    assert stat.S_ISFIFO(os.lstat(out / "fifo.json").st_mode) and os.readlink(out / "stdout.json") == "/dev/stdout"
+    assert (out / "ro.json").read_text() == "{}" and stat.S_IMODE(os.stat(out / "ro.json").st_mode) == 0o444
+    assert os.listdir(hostile / "taken") == ["bn_fc.onnx"] and os.listdir(hostile / "manifest-dir") == ["manifest.json"]
+    assert stat.S_ISFIFO(os.lstat(hostile / "fifo-out" / "report.json").st_mode)
 
 
 def test_failed_run_leaves_no_folder_and_latest_unmoved(results):
@@ -330,6 +397,7 @@ def test_garbage_run_folder_still_gets_a_strict_report(hostile, results):
     assert (hostile / "run-link").is_symlink() and not (hostile / "garbage-run" / "report.html").is_symlink()
     assert (hostile / "outside.html").read_text() == "not yours"
     assert "<html>" in (hostile / "garbage-run" / "report.html").read_text()
+    assert all((hostile / "garbage-run" / name).read_text() == "mine" for name in LOOKALIKES)  # a user's, never removed
 
 
 def test_refusals_left_their_folders_alone(hostile, results):
@@ -362,33 +430,26 @@ def test_bomb_fails_fast_under_a_4gib_address_space(hostile, trained, forked, tm
 
 
 def test_report_files_are_one_set(tmp_path, monkeypatch):
-    """A write that fails mid-way (a full disk, say) leaves the old report files as they were."""
+    """A write that fails mid-way (the disk full at the third file) leaves the old report files as they
+    were, no temp file behind, and says which file could not be written."""
     old = {tmp_path / n: n.encode() for n in ("report.json", "report.html", "confusion.png")}
     for p, b in old.items():
         p.write_bytes(b)
-    real_open, opened = open, []
+    real, written = fileio._Recorded.write, []
 
-    def full_disk(path, *a, **k):
-        opened.append(path)
-        if len(opened) == 3:
-            raise OSError(28, "No space left on device", path)
-        return real_open(path, *a, **k)
-    monkeypatch.setattr("builtins.open", full_disk)
-    with pytest.raises(OSError):
+    def full_disk(self, b):
+        if self.name not in written:
+            written.append(self.name)
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        return real(self, b)
+    monkeypatch.setattr(fileio._Recorded, "write", full_disk)
+    with pytest.raises(OSError) as e:
         fileio.replace_all({str(p): b"new" for p in old})
     monkeypatch.undo()
+    assert errors.error_line(e.value) == f"error: No space left on device: {tmp_path / 'confusion.png'}"
     assert {p: p.read_bytes() for p in old} == old
     assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in old)
-
-
-def test_stale_temp_files_are_removed(tmp_path):
-    """kill -9 leaves <target>.<pid>.tmp behind; the next run into that folder removes it."""
-    dead = 2 ** 22 + 12345  # above any pid this machine hands out
-    (tmp_path / f"bn_fc.onnx.{dead}.tmp.onnx").write_bytes(b"half")
-    (tmp_path / f"last.pt.{dead}.tmp").write_bytes(b"half")
-    (tmp_path / f"mine.{os.getpid()}.tmp").write_bytes(b"in use")
-    fileio.check_out_dir(str(tmp_path), "--out")
-    assert os.listdir(tmp_path) == [f"mine.{os.getpid()}.tmp"]
 
 
 def test_json_is_strict_everywhere(tmp_path):
