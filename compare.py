@@ -13,10 +13,12 @@ test (the two-sided binomial test on the images exactly one of them gets wrong):
 import argparse
 import filecmp
 import json
+import os
 
 import artifacts
 import data
-from errors import UserError, one_line_errors
+import models
+from errors import UserError, one_line_errors, printable
 from machine import get_device
 from stats import ci95, ci_text, paired, verdict
 
@@ -40,11 +42,15 @@ def compare(a, b, images, labels):
     return dict(a=fa, b=fb, images=len(labels), **t, verdict=verdict(t))
 
 
+def side(r, k):
+    """One model's line: which file and model answered (as printable text), and its accuracy."""
+    m = r[k]
+    return (printable(f"{k.upper()}  {m['source']} ({m['model']}, {m['kind']})") +
+            f": {m['correct']}/{r['images']} = {m['accuracy']:.2f}% ({ci_text(m['ci95'])})")
+
+
 def text(r):
-    rows = [f"A  {r['a']['source']} ({r['a']['model']}, {r['a']['kind']}): {r['a']['correct']}/{r['images']} = "
-            f"{r['a']['accuracy']:.2f}% ({ci_text(r['a']['ci95'])})",
-            f"B  {r['b']['source']} ({r['b']['model']}, {r['b']['kind']}): {r['b']['correct']}/{r['images']} = "
-            f"{r['b']['accuracy']:.2f}% ({ci_text(r['b']['ci95'])})",
+    rows = [side(r, "a"), side(r, "b"),
             "",
             f"{'':>10}{'B right':>10}{'B wrong':>10}",
             f"{'A right':>10}{r['both_right']:>10}{r['only_b_wrong']:>10}",
@@ -54,7 +60,18 @@ def text(r):
     return "\n".join(rows)
 
 
-def main(argv=None):
+def check_source(s):
+    """Refuse, before anything loads, an argument that names a folder, or a word that names neither a
+    file nor a model (the valid names listed). A model's name is its name even beside a folder of it."""
+    if s in models.RECIPES and not os.path.isfile(s):
+        return
+    if os.path.isdir(s):
+        raise UserError(f"{s} is a folder: A and B are each a checkpoint file, an exported file or a model name")
+    if not os.path.lexists(s) and "." not in s and os.sep not in s:
+        models.get_recipe(s)   # unknown model 'bn_fx'; choose one of: ...
+
+
+def parser():
     p = argparse.ArgumentParser(description="Compare two models on the 10,000 MNIST test images: accuracies with "
                                 "95% intervals, the 2x2 table of right/wrong, and the exact McNemar test.")
     p.add_argument("a", metavar="A", help="a checkpoint, an exported file, or a model name (its latest best.pt, "
@@ -65,9 +82,15 @@ def main(argv=None):
                    ".aoti.pt2) even when no manifest.json beside them vouches for them")
     p.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, then ./data)")
     p.add_argument("--device", default="auto", help="where checkpoints run: auto (default), cpu, cuda or mps")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     with one_line_errors():
         device = get_device(args.device)
+        for s in (args.a, args.b):
+            check_source(s)
         a, b = (artifacts.classifier(s, args.trust_code, device) for s in (args.a, args.b))
         if filecmp.cmp(a.source, b.source, shallow=False):
             raise UserError(f"A and B are the same file ({a.source} and {b.source} hold the same bytes): a model "

@@ -1,4 +1,6 @@
 """A user's own picture of one digit in MNIST's form (to_mnist), for predict.py, its page and the tests.
+numpy and Pillow only (no torch): with an exported .onnx file and onnxruntime it is a whole deployment
+(docs/predict_onnxruntime.py).
 
 MNIST's own recipe for an arbitrary picture of one digit:
 greyscale; ink polarity from the background; background and uneven lighting removed; the ink's
@@ -10,9 +12,8 @@ import os
 import stat
 
 import numpy as np
-import torch
 
-from data import DataError
+from errors import UserError
 
 WORK_SIDE = 800   # larger pictures are reduced to at most this many pixels a side first
 MIN_CONTRAST = 0.1   # ink must differ from the paper by 10% of the grey scale, else "no ink"
@@ -20,21 +21,25 @@ MAX_FILE_BYTES = 256 << 20   # a file larger than this is refused unread (a digi
 STROKE = 0.09   # MNIST's median stroke width over digit size (0.06 to 0.15 for 90% of the test set)
 
 
+class ImageError(UserError):
+    """A file or upload that is not a usable picture of a digit; the message says why (the caller names it)."""
+
+
 def read_file(path):
-    """A regular file's bytes. DataError for a FIFO, socket or device (a read could wait or never end)
+    """A regular file's bytes. ImageError for a FIFO, socket or device (a read could wait or never end)
     and for a file over MAX_FILE_BYTES; OSError (no such file, permission denied, a symlink loop) as it is."""
     if not stat.S_ISREG(os.stat(path).st_mode):
-        raise DataError("not a regular file (a FIFO, socket or device)")
+        raise ImageError("not a regular file (a FIFO, socket or device)")
     with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:   # a FIFO swapped in since: no wait
         raw = f.read(MAX_FILE_BYTES + 1) or b""
     if len(raw) > MAX_FILE_BYTES:
-        raise DataError(f"over {MAX_FILE_BYTES >> 20} MB: larger than any picture of a digit needs")
+        raise ImageError(f"over {MAX_FILE_BYTES >> 20} MB: larger than any picture of a digit needs")
     return raw
 
 
 def open_image(source, max_pixels=None):
     """A fully decoded PIL image (first frame, EXIF orientation applied) from a path or bytes.
-    DataError for anything that is not a whole image of a sane size: over Pillow's own limit
+    ImageError for anything that is not a whole image of a sane size: over Pillow's own limit
     (Image.MAX_IMAGE_PIXELS), or over max_pixels, checked on the header before anything is decoded
     (the caller names the file)."""
     import io
@@ -43,24 +48,24 @@ def open_image(source, max_pixels=None):
     from PIL import Image, ImageOps, UnidentifiedImageError
     raw = read_file(source) if isinstance(source, str) else source
     if not raw:
-        raise DataError("empty file")
+        raise ImageError("empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = Image.open(io.BytesIO(raw))   # the header only
             if max_pixels and img.width * img.height > max_pixels:
-                raise DataError(f"{img.width} x {img.height} pixels: over this limit of {max_pixels:,} "
+                raise ImageError(f"{img.width} x {img.height} pixels: over this limit of {max_pixels:,} "
                                 "(a decompression bomb?); a digit needs far fewer")
             img.load()
             ImageOps.exif_transpose(img, in_place=True)   # in place: no second full-size copy
             return img
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise DataError(f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
+            raise ImageError(f"too large: over Pillow's limit of {Image.MAX_IMAGE_PIXELS:,} pixels "
                             "(a decompression bomb?); a digit needs far fewer") from None
         except UnidentifiedImageError:
-            raise DataError("not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP)") from None
+            raise ImageError("not an image Pillow can read (PNG, JPEG, BMP, GIF, TIFF, WebP)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise DataError(f"truncated or corrupt image ({str(e) or type(e).__name__})") from None
+            raise ImageError(f"truncated or corrupt image ({str(e) or type(e).__name__})") from None
 
 
 def _grey(img):
@@ -132,8 +137,18 @@ def ink_of(img):
     ink = np.maximum(-r if dark else r, 0)
     peak = float(_blur3(ink).max())
     if peak < max(MIN_CONTRAST, 8 * noise):
-        raise DataError("no ink found: the image is blank or too faint to hold a digit")
+        raise ImageError("no ink found: the image is blank or too faint to hold a digit")
     return np.clip((ink / peak - 0.25) / 0.5, 0, 1)   # paper and noise to 0, the strokes' core to 1
+
+
+def to_png(image):
+    """PNG bytes of a uint8 array [28, 28] (what to_mnist gives): --save-preprocessed's files, the page's picture."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    return buf.getvalue()
 
 
 def mnist_form(img):
@@ -165,17 +180,17 @@ def _bold(box):
 
 
 def to_mnist(img):
-    """What the models see for a PIL image of one digit: uint8 tensor [28, 28], white on black,
+    """What the models see for a PIL image of one digit: a uint8 numpy array [28, 28], white on black,
     MNIST's normalisation (see above). An image already in MNIST's form is returned unchanged.
-    DataError when there is no ink."""
+    ImageError when there is no ink."""
     from PIL import Image
     same = mnist_form(img)
     if same is not None:
-        return torch.from_numpy(same)
+        return same
     ink = ink_of(img)
     rows, cols = np.nonzero(_blur3(ink) > 0.3)   # the blur drops lone noisy pixels from the box
     if rows.size == 0:
-        raise DataError("no ink found: the image is blank or too faint to hold a digit")
+        raise ImageError("no ink found: the image is blank or too faint to hold a digit")
     box = _bold(ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1])
     h, w = box.shape
     size = (max(1, round(20 * w / max(h, w))), max(1, round(20 * h / max(h, w))))
@@ -187,4 +202,4 @@ def to_mnist(img):
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + patch.shape[0], 28), min(left + patch.shape[1], 28)
     out[y0:y1, x0:x1] = patch[y0 - top:y1 - top, x0 - left:x1 - left]
-    return torch.from_numpy(out)
+    return out

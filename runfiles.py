@@ -112,11 +112,22 @@ def make_checkpoint(model_name, weights, epoch, test_acc, params, **more):
 
 
 def find_checkpoint(model_name, checkpoint=None):
-    """--checkpoint, else runs/<model>/latest/best.pt, else pretrained/<model>.pt."""
+    """The checkpoint a script uses: `checkpoint` (--checkpoint) as given; else the latest run of
+    `model_name` where the user works, runs/<model>/latest/best.pt under the current folder; else the
+    shipped pretrained/<model>.pt beside these scripts, found whatever the current folder (shown
+    relative to it when under it). UserError for a folder given as the checkpoint, and for a lookup
+    that finds nothing, naming every place it looked."""
     if checkpoint:
+        if os.path.isdir(checkpoint):
+            raise UserError(f"checkpoint {checkpoint} is a folder, not a checkpoint file (a run folder holds best.pt)")
         return checkpoint
-    for path in (os.path.join("runs", model_name, "latest", "best.pt"), os.path.join("pretrained", model_name + ".pt")):
-        if os.path.isfile(path):
-            return path
-    raise UserError(f"no checkpoint for {model_name}: train one with 'python train.py --model {model_name}' "
-                    "or pass --checkpoint PATH")
+    run = os.path.join("runs", model_name, "latest", "best.pt")
+    shipped = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained", model_name + ".pt")
+    if os.path.isfile(run):
+        return run
+    if os.path.isfile(shipped):
+        inside = os.path.relpath(shipped)
+        return shipped if inside.startswith(os.pardir + os.sep) else inside
+    raise UserError(f"no checkpoint for {model_name}: none at {os.path.abspath(run)} (the latest run, under the current "
+                    f"folder) or {shipped} (shipped); train one with 'python train.py --model {model_name}' or pass "
+                    "--checkpoint PATH")

@@ -3,10 +3,12 @@ their two prediction vectors (counts by numpy, the exact binomial p-value summed
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from test_predict import HOSTILE, HOSTILE_SHOWN, hostile_export, strict_utf8
 
 import artifacts
 import compare
@@ -101,10 +103,15 @@ def test_paired_and_verdict_on_a_hand_case():
     (["missing.pt", "bn_fc"], "checkpoint missing.pt does not exist"),
     (["bn_fc", "nowhere.onnx"], "artifact nowhere.onnx does not exist"),
     (["bn_fc", "x.txt"], "cannot read checkpoint x.txt"),
+    (["bn_fx", "bn_fc"], "unknown model 'bn_fx'; choose one of: " + ", ".join(models.RECIPES)),
+    (["runs", "bn_fc"], "runs is a folder: A and B are each a checkpoint file, an exported file or a model name"),
+    (["bn_fc", "exports.onnx"], "exports.onnx is a folder"),
 ])
 def test_bad_input_is_one_line(argv, words, tmp_path, monkeypatch, mnist_dir):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "x.txt").write_text("hello")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "exports.onnx").mkdir()
     os.symlink(os.path.join(ROOT, "pretrained"), tmp_path / "pretrained")
     with pytest.raises(SystemExit) as e:
         compare.main([*argv, "--data-dir", mnist_dir])
@@ -118,3 +125,18 @@ def test_code_bearing_export_needs_trust(exports, tmp_path, mnist_dir):
     with pytest.raises(SystemExit) as e:
         compare.main([str(tmp_path / "bn_fc.torchscript.pt"), str(out / "bn_fc.onnx"), "--data-dir", mnist_dir])
     assert str(e.value.code).startswith("error: refusing") and "not listed in" in str(e.value.code)
+
+
+def test_names_print_escaped_on_a_strict_utf8_stream(exports, mnist_dir, tmp_path, monkeypatch):
+    """A checkpoint and an export named with byte 0xff and escape sequences: each line names the file
+    and the model that answered, the names escaped (\\xff, \\x1b), on a strict UTF-8 stream."""
+    ckpt = os.fsdecode(os.path.join(os.fsencode(tmp_path), HOSTILE + b".pt"))
+    shutil.copy(os.path.join(ROOT, "pretrained", "bn_fc.pt"), ckpt)
+    onnx_path = hostile_export(exports[2]["onnx"][0], tmp_path)
+    printed = strict_utf8(monkeypatch)
+    compare.main([ckpt, onnx_path, "--data-dir", mnist_dir, "--device", "cpu"])
+    out, err = printed()
+    a, b = out.decode().splitlines()[:2]
+    assert a.startswith(f"A  {tmp_path}/{HOSTILE_SHOWN}.pt (bn_fc, checkpoint): ")
+    assert b.startswith(f"B  {tmp_path}/{HOSTILE_SHOWN}.onnx (bn_fc, onnx): ")
+    assert b"\x1b" not in out and err == b""

@@ -29,10 +29,12 @@ sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
 import digit  # noqa: E402
+import errors  # noqa: E402
 import fileio  # noqa: E402
 import models  # noqa: E402
 import predict  # noqa: E402
 import runfiles  # noqa: E402
+import serve  # noqa: E402
 
 N_PHOTOS = 500
 
@@ -86,7 +88,7 @@ def photos(test_set):
     x, y = test_set
     rng = np.random.default_rng(0)
     raw = [photo(d, rng) for d in x[:N_PHOTOS].numpy()]
-    return raw, torch.stack([digit.to_mnist(digit.open_image(r)) for r in raw]), y[:N_PHOTOS]
+    return raw, torch.from_numpy(np.stack([digit.to_mnist(digit.open_image(r)) for r in raw])), y[:N_PHOTOS]
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +116,8 @@ def test_synthetic_photos_score_like_mnist_with_every_shipped_model(photos, test
 
 def test_mnist_test_images_pass_unchanged(test_set):
     x, _ = test_set
-    assert torch.equal(torch.stack([digit.to_mnist(Image.fromarray(a)) for a in x.numpy()]), x)
-    assert torch.equal(digit.to_mnist(Image.fromarray(x[0].numpy()).convert("RGB")), x[0])
+    assert torch.equal(torch.from_numpy(np.stack([digit.to_mnist(Image.fromarray(a)) for a in x.numpy()])), x)
+    assert torch.equal(torch.from_numpy(digit.to_mnist(Image.fromarray(x[0].numpy()).convert("RGB"))), x[0])
 
 
 def variants(digit):
@@ -147,7 +149,7 @@ def test_image_formats_and_modes(test_set, classifier):
         original = x[i].numpy()
         for what, raw in variants(original):
             seen = digit.to_mnist(digit.open_image(raw))
-            corr = np.corrcoef(seen.numpy().ravel().astype(float), original.ravel().astype(float))[0, 1]
+            corr = np.corrcoef(seen.ravel().astype(float), original.ravel().astype(float))[0, 1]
             assert corr > 0.7, f"digit {i}, {what}: correlation {corr:.2f} with the MNIST original"
             assert classify(seen[None])[0].argmax() == y[i], f"digit {i}, {what}"
 
@@ -157,8 +159,8 @@ def test_thin_pen_strokes_are_made_bold(test_set, classifier):
     x, y = test_set
     thin = [Image.fromarray(x[i].numpy()).resize((280, 280), Image.BICUBIC).filter(ImageFilter.MinFilter(7))
             .filter(ImageFilter.MinFilter(7)) for i in range(40)]
-    seen = torch.stack([digit.to_mnist(Image.fromarray(255 - np.asarray(t))) for t in thin])
-    assert seen.float().mean() > 0.65 * x[:40].float().mean()   # without widening: 0.48
+    seen = np.stack([digit.to_mnist(Image.fromarray(255 - np.asarray(t))) for t in thin])
+    assert seen.mean() > 0.65 * x[:40].float().mean()   # without widening: 0.48
     assert (classifier[0](seen).argmax(1) == y[:40].numpy()).mean() >= 0.975   # without widening: 0.95
 
 
@@ -187,8 +189,11 @@ def test_bad_inputs_each_get_one_error_line_and_the_good_ones_answers(tmp_path, 
         predict.main(args + ["--checkpoint", pretrained("bn_gap"), "--device", "cpu", "--top", "2"])
     assert e.value.code == 1
     out, err = capsys.readouterr()
-    assert out.splitlines() == [l for l in out.splitlines() if l.startswith(str(tmp_path / "good.png"))]
-    assert out.startswith(f"{tmp_path / 'good.png'}: {int(y[0])} (") and "top: " in out
+    head, *answers = out.splitlines()
+    acc = runfiles.load_checkpoint(pretrained("bn_gap"))["test_acc"]
+    assert head == f"# bn_gap (checkpoint {pretrained('bn_gap')}, test accuracy {acc:.2f}%)"   # what answered
+    assert answers == [l for l in answers if l.startswith(str(tmp_path / "good.png"))]
+    assert answers[0].startswith(f"{tmp_path / 'good.png'}: {int(y[0])} (") and "top: " in out
     lines = err.strip().splitlines()
     expect = {"text.png": "not an image", "truncated.png": "truncated", "empty.jpg": "empty file",
               "blank.png": "no ink found", "bomb.png": "too large", "no-images": "no images",
@@ -229,7 +234,9 @@ def test_cli_on_real_test_images_predicts_like_models_predict(tmp_path, test_set
     assert "zz-broken.png" in run.stderr and "Traceback" not in run.stderr
     results = json.loads(run.stdout)
     assert [r["file"] for r in results] == [str(folder / f"{i:04d}.png") for i in range(n)]
-    assert all(set(r) == {"file", "prediction", "probability", "probabilities", "preprocessed"} for r in results)
+    assert all(set(r) == {"file", "prediction", "probability", "probabilities", "preprocessed", "model", "source"}
+               for r in results)
+    assert all(r["model"] == "bn_gap" and r["source"] == pretrained("bn_gap") for r in results)   # what answered
     assert [r["preprocessed"] for r in results] == [str(tmp_path / "seen" / f"{i:04d}.png") for i in range(n)]
     ref = models.log_probs(models.from_checkpoint(runfiles.load_checkpoint(pretrained("bn_gap"))), x[:n]).exp()
     got = torch.tensor([r["probabilities"] for r in results])
@@ -255,7 +262,8 @@ def test_artifact_and_the_trust_rule(tmp_path, test_set, capsys):
     with pytest.raises(SystemExit) as e:
         predict.main([str(image), "--artifact", path, "--trust-code", "--top", "1"])
     assert e.value.code == 0
-    assert capsys.readouterr().out.startswith(f"{image}: {int(y[1])} (")
+    head, line = capsys.readouterr().out.splitlines()
+    assert head == f"# bn_fc (torchscript {path}, test accuracy 99.50%)" and line.startswith(f"{image}: {int(y[1])} (")
 
 
 # ------------------------------------------------------------- hostile files and folders
@@ -302,7 +310,8 @@ def test_folder_of_special_files(forked, tmp_path):
     root = os.geteuid() == 0
     answered = ["dir/bad\\xffutf8.png", "dir/good.png"] + ["dir/locked.png"] * root + ["dir/new\\x0aline.png"]
     assert r.returncode == 1
-    assert [line.split(": ")[0] for line in r.stdout.splitlines()] == answered, r.stdout
+    assert r.stdout.startswith("# bn_gap (checkpoint ")
+    assert [line.split(": ")[0] for line in r.stdout.splitlines()[1:]] == answered, r.stdout
     errors = {"dir/fifo.png": "not a regular file", "dir/sock.png": "not a regular file", "dir/to-fifo.png":
               "not a regular file", "dir/self.png": "Too many levels of symbolic links", "/dev/zero": "not a regular file",
               "dangling": "a symbolic link to nothing"}
@@ -325,7 +334,8 @@ def test_ten_thousand_files(forked, tmp_path):
         (d / f"{i:05d}.png").write_bytes(raw if i % 19 == 0 and i < 512 * 19 else b"")
     r = predict_run(forked, tmp_path, "many", "--top", "1", model="gap10k")
     assert r.returncode == 1
-    assert [line.split(":")[0] for line in r.stdout.splitlines()] == [f"many/{i:05d}.png" for i in range(0, 9728, 19)]
+    assert r.stdout.startswith("# gap10k (checkpoint ")
+    assert [line.split(":")[0] for line in r.stdout.splitlines()[1:]] == [f"many/{i:05d}.png" for i in range(0, 9728, 19)]
     lines = r.stderr.splitlines()
     assert len(lines) == 9488 and all(line.endswith(": empty file") for line in lines)
 
@@ -341,10 +351,11 @@ def test_files_are_read_classified_and_printed_a_batch_at_a_time(tmp_path, capsy
         sizes.append(len(x))
         printed.append(capsys.readouterr().out)
         return torch.full((len(x), 10), 0.1)
-    assert predict.run_files(predict.parse_args([str(tmp_path), "--json"]), classify) == 0
+    info = {"model": "bn_fc", "source": "some.onnx"}
+    assert predict.run_files(predict.parse_args([str(tmp_path), "--json"]), classify, info) == 0
     printed.append(capsys.readouterr().out)
     assert sizes == [256, 256, 88] and printed[0] == "" and printed[1].count('"file"') == 256
-    results = [predict.answer(str(tmp_path / f"{i:03d}.png"), np.full(10, 0.1)) for i in range(600)]
+    results = [dict(predict.answer(str(tmp_path / f"{i:03d}.png"), np.full(10, 0.1)), **info) for i in range(600)]
     assert "".join(printed) == json.dumps(results, indent=1) + "\n"
 
 
@@ -386,11 +397,92 @@ def test_save_preprocessed_rules(forked, tmp_path):
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
+# ------------------------------------------------------------------------- what answered
+
+def test_the_model_that_answers_is_found_and_named(tmp_path, monkeypatch, capsys):
+    """--model's latest run under the current folder, else the shipped pretrained/<model>.pt found
+    beside the scripts from any folder; the header line and --json name it; a lookup that finds
+    nothing names every place it looked; a folder as --checkpoint is said to be one."""
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "digit.png"
+    image.write_bytes(digit_png())
+
+    def answered_by(*args):
+        with pytest.raises(SystemExit) as e:
+            predict.main([str(image), "--device", "cpu", "--top", "1", *args])
+        assert e.value.code == 0
+        return capsys.readouterr().out.splitlines()[0]
+    assert answered_by("--model", "bn_fc").startswith(f"# bn_fc (checkpoint {pretrained('bn_fc')}, test accuracy ")
+    run = tmp_path / "runs" / "bn_fc" / "latest"
+    run.mkdir(parents=True)
+    shutil.copy(pretrained("bn_fc"), run / "best.pt")
+    assert answered_by("--model", "bn_fc").startswith("# bn_fc (checkpoint runs/bn_fc/latest/best.pt, ")
+    assert answered_by().startswith(f"# bn_gap (checkpoint {pretrained('bn_gap')}, ")   # the default model
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(image), "--json", "--model", "bn_fc"])
+    assert e.value.code == 0
+    results = json.loads(capsys.readouterr().out)
+    assert (results[0]["model"], results[0]["source"]) == ("bn_fc", "runs/bn_fc/latest/best.pt")
+    with pytest.raises(errors.UserError) as e:
+        runfiles.find_checkpoint("nothing")
+    assert str(e.value).startswith(f"no checkpoint for nothing: none at {tmp_path / 'runs/nothing/latest/best.pt'} "
+                                   f"(the latest run, under the current folder) or {pretrained('nothing')} (shipped)")
+    with pytest.raises(SystemExit) as e:
+        predict.main([str(image), "--checkpoint", str(run)])
+    assert e.value.code == f"error: checkpoint {run} is a folder, not a checkpoint file (a run folder holds best.pt)"
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--help"])
+    assert "runs/<model>/latest/best.pt under the current folder, else pretrained/<model>.pt" in \
+        " ".join(capsys.readouterr().out.split())   # the rule, in --help
+
+
+HOSTILE = b"ev\xff\x1b]0;owned\x07\x1b[2Jil"   # a name holding byte 0xff and escape sequences (window title, clear)
+HOSTILE_SHOWN = "ev\\xff\\x1b]0;owned\\x07\\x1b[2Jil"   # the same, as it must be printed
+
+
+def hostile_export(src, folder):
+    """A copy of the export `src` in `folder` named HOSTILE + its suffix: the path, as a script gets it."""
+    path = os.fsdecode(os.path.join(os.fsencode(folder), HOSTILE + b".onnx"))
+    shutil.copy(src, path)
+    return path
+
+
+def strict_utf8(monkeypatch):
+    """stdout and stderr as PYTHONIOENCODING=utf-8:strict makes stdout: text that is not UTF-8 (a file
+    name's byte 0xff, decoded as a lone surrogate) raises instead of printing. Returns a function that
+    gives (stdout, stderr) as bytes."""
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True) for _ in "12")
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    return lambda: (out.buffer.getvalue(), err.buffer.getvalue())
+
+
+def test_names_print_escaped_on_a_strict_utf8_stream(exports, tmp_path, monkeypatch):
+    """An image, a --save-preprocessed folder and an export named with byte 0xff and escape sequences:
+    every line printed whole on a strict UTF-8 stream, each name escaped (\\xff, \\x1b), nothing raw."""
+    onnx_path = hostile_export(exports[2]["onnx"][0], tmp_path)
+    image, out = (os.fsdecode(os.path.join(os.fsencode(tmp_path), HOSTILE + end)) for end in (b".png", b"-seen"))
+    with open(image, "wb") as f:
+        f.write(digit_png())
+    printed = strict_utf8(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        predict.main([image, image + "-missing", "--artifact", onnx_path, "--top", "1", "--save-preprocessed", out])
+    stdout, stderr = printed()
+    shown = f"{tmp_path}/{HOSTILE_SHOWN}"
+    assert e.value.code == 1
+    head, line = stdout.decode().splitlines()
+    assert head.startswith(f"# bn_fc (onnx {shown}.onnx, test accuracy ")
+    assert line.startswith(f"{shown}.png: ") and line.endswith(f"-> {shown}-seen/{HOSTILE_SHOWN}.png")
+    assert stderr.decode() == f"error: {shown}.png-missing: no such file or folder\n"
+    assert b"\x1b" not in stdout + stderr
+
+
 # ---------------------------------------------------------------------------- the server
 
 @pytest.fixture(scope="module")
 def server(classifier):
-    srv = predict.make_server("127.0.0.1", 0, *classifier)
+    classify, info = classifier
+    srv = serve.make_server("127.0.0.1", 0, lambda image: predict.answer("upload", classify(image[None])[0]), info)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv.server_address[1]
     srv.shutdown()
@@ -416,8 +508,11 @@ def test_server_page_and_prediction(server, photos):
     r = json.loads(body)
     assert status == 200 and kind == "application/json"
     assert r["prediction"] == int(labels[0]) and len(r["probabilities"]) == 10 and r["model"] == "bn_gap"
+    acc = runfiles.load_checkpoint(pretrained("bn_gap"))["test_acc"]   # numbers as JSON numbers
+    assert r["test_acc"] == round(acc, 2) and all(isinstance(v, float) for v in [r["test_acc"], *r["test_acc_ci95"]])
+    assert f'"test_acc": {round(acc, 2)}, '.encode() in page
     seen = Image.open(io.BytesIO(base64.b64decode(r["image"].split(",", 1)[1])))
-    assert seen.size == (28, 28) and np.array_equal(np.array(seen), digit.to_mnist(digit.open_image(raw[0])).numpy())
+    assert seen.size == (28, 28) and np.array_equal(np.array(seen), digit.to_mnist(digit.open_image(raw[0])))
 
 
 def test_server_refuses_bad_bodies_and_keeps_serving(server):
@@ -575,7 +670,7 @@ def figure(path, mnist_dir=None, n=8):
         img.thumbnail((cell, cell))
         left = 90 + pad + i * (cell + pad)
         sheet.paste(img, (left + (cell - img.width) // 2, pad + (cell - img.height) // 2))
-        seen = Image.fromarray(digit.to_mnist(digit.open_image(raw)).numpy()).resize((cell, cell), Image.NEAREST)
+        seen = Image.fromarray(digit.to_mnist(digit.open_image(raw))).resize((cell, cell), Image.NEAREST)
         sheet.paste(seen, (left, 2 * pad + cell))
     fileio.atomic_write(path, lambda f: sheet.quantize(256).save(f, "PNG", optimize=True))
 

@@ -1,6 +1,6 @@
-"""The drawing page's server (predict.py --serve) under hostile and careless clients, as a real process
-on 127.0.0.1: request shapes, images that decode huge, many connections and slow clients, what it
-sends and what it binds. One server for the whole module (forked from conftest.py's fork server) with
+"""The drawing page's server (serve.py, started by predict.py --serve) under hostile and careless clients,
+as a real process on 127.0.0.1: request shapes, images that decode huge, many connections and slow
+clients, what it sends, what it binds and which Host names it answers. One server for the whole module (forked from conftest.py's fork server) with
 a 1.5 s --request-timeout so the slow-client cases cost seconds; every case checks the status, a
 one-line JSON `error`, and that the server still answers; the last test checks its console held no
 traceback and that Ctrl-C stops it cleanly."""
@@ -11,14 +11,17 @@ import os
 import signal
 import socket
 import struct
+import threading
 import time
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from test_predict import HOSTILE_SHOWN, hostile_export
 
 import predict
+import serve
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 1.5   # the server's --request-timeout here
@@ -43,8 +46,9 @@ def served(forked, tmp_path_factory):
 
 
 def exchange(port, data, wait=10.0, close_write=False):
-    """Send raw bytes, read until the server closes: (status or None, headers, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+    """Send raw bytes to 127.0.0.1:port (or to the address port), read until the server closes: (status
+    or None, headers, body)."""
+    with socket.create_connection(port if isinstance(port, tuple) else ("127.0.0.1", port), timeout=wait) as s:
         s.sendall(data)
         if close_write:
             s.shutdown(socket.SHUT_WR)
@@ -91,6 +95,7 @@ REQUESTS = [  # (id, raw request, status, words in the error)
     ("traversal, encoded", b"GET /%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\n\r\n", 404, "no such page"),
     ("traversal, double slash", b"GET //etc/passwd HTTP/1.1\r\n\r\n", 404, "no such page"),
     ("the page's own file", b"GET /predict.html HTTP/1.1\r\n\r\n", 404, "no such page"),
+    ("the page's own file, by its path", b"GET /static/predict.html HTTP/1.1\r\n\r\n", 404, "no such page"),
     ("a folder", b"GET /tests/ HTTP/1.1\r\n\r\n", 404, "no such page"),
     ("absolute URI", b"GET http://evil.example/ HTTP/1.1\r\n\r\n", 404, "no such page"),
     ("query string on /", b"GET /?x=1 HTTP/1.1\r\n\r\n", 400, "no query string"),
@@ -99,6 +104,12 @@ REQUESTS = [  # (id, raw request, status, words in the error)
     ("form body", post(b"image=abc&x=1", b"Content-Type: application/x-www-form-urlencoded"), 400, "not an image"),
     ("empty body", post(b""), 400, "empty"),
     ("another Host (DNS rebinding)", b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n", 403, "127.0.0.1 or localhost only"),
+    ("another Host, localhost's prefix", b"GET / HTTP/1.1\r\nHost: localhost.evil.example\r\n\r\n", 403, "not localhost.evil"),
+    ("another Host, with an @", b"GET / HTTP/1.1\r\nHost: localhost@evil.example\r\n\r\n", 403, "localhost only"),
+    ("Host [::1], which a server bound to 127.0.0.1 is not reached by", b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n",
+     403, "127.0.0.1 or localhost only"),
+    ("Host 127.0.0.1 in brackets", b"GET / HTTP/1.1\r\nHost: [127.0.0.1]\r\n\r\n", 403, "localhost only"),
+    ("an empty Host", b"GET / HTTP/1.1\r\nHost: \r\n\r\n", 403, "localhost only"),
     ("HTTP/2.0", b"GET / HTTP/2.0\r\n\r\n", 400, "HTTP version"),
     ("HTTP/0.9", b"GET /\r\n\r\n", 400, "HTTP/0.9"),
     ("garbage request line", b"\x00\x01\x02 \x1b[2J\r\n\r\n", 400, "Bad"),
@@ -118,9 +129,26 @@ def test_request_shapes_get_a_4xx_and_one_json_line(served, cid, request_, code,
     check_refusal(port, *exchange(port, data, close_write=close_write), code, words)
 
 
-def test_head_gets_405_without_a_body(served):
-    status, headers, body = exchange(served[0], b"HEAD / HTTP/1.1\r\n\r\n")
-    assert status == 405 and headers["allow"] == "GET, POST" and body == b""
+def test_head_answers_like_get_without_a_body(served):
+    """HEAD / is GET / less the body (the same status and headers, Content-Length the page's); HEAD of
+    anything else is that request's refusal, without its body."""
+    port = served[0]
+    status, headers, body = exchange(port, b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    got, got_headers, page = exchange(port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert status == got == 200 and body == b"" and b"<canvas" in page
+    same = lambda h: {k: v for k, v in h.items() if k != "date"}  # noqa: E731
+    assert same(headers) == same(got_headers) and int(headers["content-length"]) == len(page)
+    for request, code, allow in ((b"HEAD /predict HTTP/1.1\r\n\r\n", 405, "POST"), (b"HEAD /nope HTTP/1.1\r\n\r\n", 404, None),
+                                 (b"HEAD / HTTP/1.1\r\nHost: evil.example\r\n\r\n", 403, None)):
+        status, headers, body = exchange(port, request)
+        assert (status, headers.get("allow"), body) == (code, allow, b""), request
+    status, headers, _ = exchange(port, b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n")
+    assert status == 405 and headers["allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:9", "localhost", "LOCALHOST:9", "Localhost."])
+def test_host_names_that_reach_it_are_answered(served, host):
+    assert exchange(served[0], b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())[0] == 200
 
 
 def test_page_sends_a_local_tools_headers(served):
@@ -248,14 +276,14 @@ def test_many_connections_and_slow_clients(served):
     base = thread_count(child.pid)
     trickler = socket.create_connection(("127.0.0.1", port), timeout=10)
     trickler.send(b"G")
-    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(predict.MAX_CLIENTS - 1)]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(serve.MAX_CLIENTS - 1)]
     end = time.monotonic() + TIMEOUT / 2
-    while thread_count(child.pid) < base + predict.MAX_CLIENTS and time.monotonic() < end:   # all accepted
+    while thread_count(child.pid) < base + serve.MAX_CLIENTS and time.monotonic() < end:   # all accepted
         time.sleep(0.02)
     status, _, body = exchange(port, b"GET / HTTP/1.0\r\n\r\n")
     assert status == 503 and "busy" in json.loads(body)["error"]
     more = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
-    assert thread_count(child.pid) <= base + predict.MAX_CLIENTS
+    assert thread_count(child.pid) <= base + serve.MAX_CLIENTS
     start, dropped = time.monotonic(), None
     try:
         for ch in b"ET / HTTP/1.1\r\nX-Slow: " + b"a" * 100:
@@ -286,26 +314,53 @@ def test_clients_that_go_away_mid_answer(served):
 # ------------------------------------------------------------------------------ binding
 
 def test_only_loopback_unless_named():
-    assert predict.is_loopback("127.0.0.1") and predict.is_loopback("localhost") and predict.is_loopback("::1")
-    assert not predict.is_loopback("0.0.0.0") and not predict.is_loopback("") and not predict.is_loopback("192.0.2.1")
+    assert serve.is_loopback("127.0.0.1") and serve.is_loopback("localhost") and serve.is_loopback("::1")
+    assert not serve.is_loopback("0.0.0.0") and not serve.is_loopback("") and not serve.is_loopback("192.0.2.1")
     assert predict.parse_args(["--serve"]).host == "127.0.0.1"
 
 
-def test_bad_port_and_a_port_in_use(forked, served, tmp_path):
-    for port, words in (("70000", "--port must be 0 to 65535"), (str(served[0]), "Address already in use")):
-        r = forked.run("predict.py", "--serve", "--port", port, "--checkpoint", os.path.join(ROOT, "pretrained", "bn_gap.pt"),
-                       "--device", "cpu", cwd=tmp_path, timeout=60)
-        assert r.returncode == 1 and r.stderr.startswith("error: ") and len(r.stderr.splitlines()) == 1, r.stderr
-        assert words in r.stderr
+def ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
-def test_console_held_no_traceback_and_ctrl_c_stops_it(served):
-    """Last in this module: everything above left one line per event on the server's console."""
-    port, child = served
+@pytest.mark.parametrize("host, also", [("127.0.0.2", []), ("LOCALHOST", ["localhost", "LOCALHOST:1"]),
+                                        ("::1", ["[::1]", "[0:0::1]:1", "localhost"]), ("[::1]", ["[::1]"])])
+def test_the_url_it_prints_is_answered(host, also):
+    """Bound to loopback by any spelling of --host, the server answers the URL it prints (url(), the
+    start line's: a browser sends its host:port as Host), and the names that reach that address (any
+    case; IPv6 in brackets, with or without a port); it refuses others with the names it answers."""
+    if ":" in host and not ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    srv = serve.make_server(host, 0, lambda image: {}, {"model": "m", "source": "s", "test_acc": None})
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        address = srv.server_address[:2]
+        for name in [serve.url(srv).split("/")[2], *also]:
+            assert exchange(address, b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % name.encode())[0] == 200, name
+        status, _, body = exchange(address, b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+        shown = {"127.0.0.2": "127.0.0.2", "LOCALHOST": "127.0.0.1 or localhost"}.get(host, "[::1] or localhost")
+        assert status == 403 and json.loads(body)["error"].startswith(f"this page answers requests for {shown} only")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_start_line_names_what_answers_printably(forked, exports, tmp_path):
+    """predict.py --serve --host 127.0.0.2 with an export named with byte 0xff and escape sequences: its
+    start line names the model and the file, escaped, and the URL it prints is answered."""
+    path = hostile_export(exports[2]["onnx"][0], tmp_path)
+    child = forked.start("predict.py", "--serve", "--host", "127.0.0.2", "--port", "0", "--artifact", path, cwd=tmp_path)
+    end = time.monotonic() + 60
+    while "http://" not in (printed := open(child.out, "rb").read().decode() if os.path.exists(child.out) else ""):
+        assert child.alive() and time.monotonic() < end, child.wait(1).stderr
+        time.sleep(0.05)
+    port = int(printed.split("http://127.0.0.2:")[1].split("/")[0])
+    assert printed == f"bn_fc ({tmp_path}/{HOSTILE_SHOWN}.onnx) on http://127.0.0.2:{port}/  (Ctrl-C stops)\n"
+    assert exchange(("127.0.0.2", port), b"GET / HTTP/1.1\r\nHost: 127.0.0.2:%d\r\n\r\n" % port)[0] == 200
     child.send_signal(signal.SIGINT)
-    r = child.wait(30)
-    assert r.returncode == 0 and "Traceback" not in r.stderr and "Exception" not in r.stderr, r.stderr[-3000:]
-    # the slow clients' timeouts are always there; a reset client's "connection lost" only when the
-    # reset beat the server's read (under no load the server may read and answer first): not asserted
-    assert "timed out" in r.stderr
-    assert all(line.startswith("127.0.0.1 ") for line in r.stderr.splitlines()), r.stderr[-3000:]
+    assert child.wait(30).returncode == 0
