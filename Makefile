@@ -3,7 +3,7 @@ PY := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 MODEL ?= bn_gap
 ARGS ?=
 
-.PHONY: help install test train evaluate export serve bench bench-pytest reproduce figures gpu-check clean
+.PHONY: help install test train evaluate export serve bench bench-pytest reproduce figures pretrained docs gpu-check clean
 .DEFAULT_GOAL := help
 
 help:  ## list the targets
@@ -37,11 +37,17 @@ bench-pytest:  ## pytest-benchmark inference micro-benchmarks
 reproduce:  ## train every recipe over SEEDS seeds, write REPRODUCTION.md, figures/, pretrained/
 	$(PY) reproduce.py $(if $(SEEDS),--seeds $(SEEDS),) $(ARGS)
 
-figures:  ## no training: REPRODUCTION.md, figures/, pretrained/ again from the finished runs
+figures:  ## no training: REPRODUCTION.md, figures/, README's results table from results/ (not pretrained/)
 	$(PY) reproduce.py --no-train $(ARGS)
 
-gpu-check:  ## the prepared GPU run (or its CPU rehearsal): results into OUT (default gpu-check/)
-	bash gpu_check.sh $(or $(OUT),gpu-check)
+pretrained:  ## pretrained/<model>.pt from each recipe's seed-1 best.pt in results/, once checked as full runs
+	$(PY) reproduce.py --publish-pretrained $(ARGS)
+
+docs:  ## regenerate the --help blocks and tables in docs/ (cog; tests/test_docs.py checks they are current)
+	$(PY) -m cogapp -r -I docs docs/*.md
+
+gpu-check:  ## the prepared one-shot GPU run, packed into ARCHIVE (default gpu-check.tar.gz); REHEARSE=1: on the CPU
+	bash gpu_check.sh $(or $(ARCHIVE),gpu-check.tar.gz) $(if $(REHEARSE),--rehearse,)
 
 clean:  ## remove runs, exports, benchmark output and caches
 	rm -rf runs exports .pytest_cache .benchmarks __pycache__ tests/__pycache__ bench.json

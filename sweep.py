@@ -1,8 +1,10 @@
-"""reproduce.py's runs as jobs: on every GPU of one machine (submitit's local executor) or on a Slurm
-cluster (submitit's Slurm executor). Each job is one run of train.py (`job`: train.run on the same
-arguments `python train.py` takes) into its usual run folder, locked while written; the jobs'
-logs go to runs/reproduce/jobs/. Failed jobs are reported one line each at the end and do not stop
-the others; Ctrl-C cancels the jobs this process started.
+"""reproduce.py's grids and runs as jobs. The grid: --lr and --set KEY=V1,V2 parsed into train.py
+values and one folder tag per point (`parse_grid`, `tag`), and a grid's outcome table. The jobs: on
+every GPU of one machine (submitit's local executor) or on a Slurm cluster (submitit's Slurm
+executor). Each job is one run of train.py (`job`: train.run on the same arguments `python train.py`
+takes) into its usual run folder, locked while written; the jobs' logs go to results/reproduce/jobs/.
+Failed jobs are reported one line each at the end and do not stop the others; Ctrl-C cancels the jobs
+this process started.
 """
 import contextlib
 import logging
@@ -14,7 +16,8 @@ import time
 
 from tqdm import tqdm
 
-from errors import UserError, error_line, first_line
+import records
+from errors import UserError, error_line, first_line, printable
 from fileio import stderr_into
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -38,6 +41,92 @@ def job(argv):
         line = "interrupted: last.pt holds the last finished epoch"
     print(line, file=sys.stderr, flush=True)
     return ("interrupted" if line.startswith("interrupted") else "error"), line
+
+
+# ------------------------------------------------------------------------------- the grid
+
+RESERVED = {"model", "seed", "device", "data_dir", "out", "resume", "no_progress"}  # reproduce.py sets these per run
+SWITCH = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
+
+
+def grid_flags():
+    """train.py's flags a grid may vary, {dest: its argparse action (option_strings, nargs, type,
+    choices)} from train.parser().flags: every flag but those reproduce.py sets for each run itself."""
+    import train
+    return {dest: action for dest, action in train.parser().flags.items() if dest not in RESERVED}
+
+
+def grid_value(flag, action, text):
+    """One --set value as train.py's flag takes it: on/off for a switch, else its type and choices."""
+    if action.nargs == 0:  # a switch such as --amp: on or off
+        if text.lower() not in SWITCH:
+            raise UserError(f"--set {flag}: '{printable(text)}' is not on or off")
+        return SWITCH[text.lower()]
+    try:
+        value = (action.type or str)(text)
+    except ValueError:
+        raise UserError(f"--set {flag}: '{printable(text)}' is not "
+                        f"{'an integer' if action.type is int else 'a number'}") from None
+    if action.choices and value not in action.choices:
+        raise UserError(f"--set {flag}: '{printable(text)}' is not one of {', '.join(action.choices)}")
+    return value
+
+
+def as_text(value):
+    """A grid value as a folder tag and a label show it: on/off for a switch, else str()."""
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def parse_grid(lrs, sets):
+    """{dest: [values]} (sorted by flag) from --lr V ... and --set KEY=V1,V2 (KEY: a train.py flag). Two
+    texts of one value (64 and 064, 0.1 and 1e-1) would be one run folder: refused."""
+    flags, grid = grid_flags(), {}
+    for item in ([f"lr={','.join(lrs)}"] if lrs else []) + (sets or []):
+        key, eq, values = item.partition("=")
+        dest = key.strip().lstrip("-").replace("-", "_")
+        if not eq or not values.strip(","):
+            raise UserError(f"--set takes KEY=V1,V2,... (a train.py flag and its values), got '{printable(item)}'")
+        if dest not in flags:
+            raise UserError(f"--set {printable(key)}: not a train.py flag a sweep can vary; choose from "
+                            f"{', '.join(sorted(d.replace('_', '-') for d in flags))}")
+        if dest in grid:
+            raise UserError(f"--set {printable(key)} is given twice (--lr is --set lr=...)")
+        texts = [v.strip() for v in values.split(",") if v.strip()]
+        grid[dest] = [grid_value(key, flags[dest], v) for v in texts]
+        for i, v in enumerate(grid[dest]):
+            if v in grid[dest][:i]:
+                first = texts[grid[dest].index(v)]
+                raise UserError(f"--set {printable(key)}: '{printable(texts[i])}' and '{printable(first)}' are the "
+                                f"same value ({as_text(v)}), one run folder; give each value once")
+    return dict(sorted(grid.items()))
+
+
+def tag(setting):
+    """A grid point's part of its folder name, e.g. '-batch-size64-lr0.1' ('' outside a grid)."""
+    return "".join(f"-{d.replace('_', '-')}{as_text(v)}" for d, v in setting.items())
+
+
+def argv_of(setting):
+    """A grid point as train.py arguments, e.g. ['--batch-size', '64', '--amp']."""
+    flags, argv = grid_flags(), []
+    for d, v in setting.items():
+        opt = flags[d].option_strings[0]
+        argv += ([opt] if v else []) if flags[d].nargs == 0 else [opt, str(v)]
+    return argv
+
+
+def grid_table(tasks):
+    """A grid's outcome, one line per run: its best test accuracy (and the one chosen on validation)."""
+    for t in tasks:
+        try:
+            s = records.read_summary(t.out)
+        except records.BadRecord as e:
+            print(f"{t.label}: left out: {e}")
+            continue
+        chosen = (f", chosen on validation {s['val_chosen_test_acc']:.2f}% (epoch {s['val_chosen_epoch']})"
+                  if s["val_chosen_test_acc"] is not None else "")
+        print(f"{t.label}: best test accuracy {s['best_test_acc']:.2f}% (epoch {s['best_epoch']}){chosen}; "
+              f"{printable(t.out)}")
 
 
 # ------------------------------------------------------------------------------- checking

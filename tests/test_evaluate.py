@@ -29,17 +29,28 @@ def test_report_numbers_on_a_hand_checked_case():
     assert r["weighted_avg"]["recall"] == pytest.approx(0.7)
 
 
-def test_checkpoint_report_matches_training_and_html_embeds_images(trained, mnist_dir):
-    r = evaluate.evaluate(str(trained / "best.pt"), "checkpoint", str(trained), mnist_dir, torch.device("cpu"))
+def test_checkpoint_report_matches_training_and_html_embeds_images(trained, mnist_dir, capsys):
+    evaluate.main(["--checkpoint", str(trained / "best.pt"), "--data-dir", mnist_dir, "--device", "cpu"])
+    r = json.loads((trained / "report.json").read_text())
     assert r["accuracy"] == r["recorded_accuracy"] == json.loads((trained / "summary.json").read_text())["best_test_acc"]
-    assert json.loads((trained / "report.json").read_text())["accuracy_ci95"] == r["accuracy_ci95"]
     assert r["accuracy_ci95"][0] < r["accuracy"] < r["accuracy_ci95"][1]
+    assert f"evaluated model bn_fc from checkpoint {trained}/best.pt" in capsys.readouterr().out  # what answered
     page = (trained / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3           # curves, confusion matrix, mistakes
     assert "src=\"http" not in page and "<link" not in page     # self-contained
-    assert "99.64%" in page                                      # the documented figure beside ours
+    assert "99.64%" in page and "documented by source 004" in page   # the documented figure beside ours
+    assert "this run trained 1 of the recipe&#x27;s 10 epochs and trained on 4,096 of the training images" in page
     for name in ("confusion.png", "mistakes.png", "curves.png", "report.json"):
         assert (trained / name).stat().st_size > 0
+
+
+def test_a_checkpoint_of_another_model_than_model_is_refused(trained, mnist_dir, tmp_path):
+    """--model names the model the file must hold, as in export.py and predict.py: no report of another."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", "gap10k", "--checkpoint", str(trained / "best.pt"), "--out", str(tmp_path / "o"),
+                       "--data-dir", mnist_dir])
+    assert str(e.value) == f"error: {trained}/best.pt holds a bn_fc model, not gap10k"
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "pt2", pytest.param("aoti", marks=pytest.mark.slow)])

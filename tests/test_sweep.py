@@ -27,7 +27,7 @@ def sweeps(mnist_dir, tmp_path_factory):
     env = dict(os.environ, MNIST_DIR=mnist_dir, OMP_NUM_THREADS="1")
     shared = forked_cli.MODULES
     forked_cli.MODULES = ["torch", "torch._inductor.config", "numpy", "scipy.stats", "errors", "fileio", "machine", "runfiles", "stats", "data", "models", "loop",
-                          "train", "sweep", "reproduce"]
+                          "train", "sweep", "records", "figures", "report", "reproduce"]
     try:
         server = forked_cli.ForkServer(ROOT, env, tmp_path_factory.mktemp("sweep-io"))
     finally:
@@ -81,8 +81,12 @@ def no_tmp_files(tmp_path):
     (["--set", "seed=1,2"], "--set seed: not a train.py flag a sweep can vary"),
     (["--set", "batch-size=64,big"], "--set batch-size: 'big' is not an integer"),
     (["--lr", "0.1", "-1"], "--lr must be a positive number, got -1.0"),
+    (["--set", "subset=64,064"], "--set subset: '064' and '64' are the same value (64), one run folder"),
+    (["--lr", "0.1", "1e-1"], "--set lr: '1e-1' and '0.1' are the same value (0.1), one run folder"),
+    (["--set", "amp=on,yes"], "--set amp: 'yes' and 'on' are the same value (on), one run folder"),
 ], ids=["slurm without sbatch", "bad slurm time", "parallel 0", "parallel negative", "slurm gpus negative", "timeout 0",
-        "parallel inline", "slurm option for local", "reserved flag", "bad value", "bad lr"])
+        "parallel inline", "slurm option for local", "reserved flag", "bad value", "bad lr", "one value twice",
+        "one lr twice", "one switch twice"])
 def test_sweep_options_refused_in_one_line_before_anything_starts(tmp_path, forked, args, says):
     (tmp_path / "bin").mkdir()  # a PATH without sbatch, on a machine with Slurm too
     r = forked.run("reproduce.py", "--models", "bn_fc", *args, cwd=tmp_path, env={"PATH": str(tmp_path / "bin")})
