@@ -48,11 +48,12 @@ class Training:
 def build(recipe, device, epochs, steps, lr=None, channels_last=False, amp=False, fast_dropout=False,
           compile=False, cudagraphs=True, whole_step=None):
     """The recipe's Training on `device` for `epochs` epochs of `steps` steps. whole_step: None, or
-    the (images, labels, batch_size) the compiled whole step gathers its batches from."""
+    the (images, labels, batch_size) the whole step gathers its batches from (compile: inductor's kernels
+    for its forward and loss)."""
     model = models.build(recipe, device, channels_last, fast_dropout)
     if whole_step is not None:
         import whole_step as ws_module  # only --whole-step needs it
-        ws = ws_module.WholeStep(model, recipe, *whole_step, epochs, lr, amp, cudagraphs)
+        ws = ws_module.WholeStep(model, recipe, *whole_step, epochs, lr, amp, cudagraphs, compile)
         return Training(model, model, ws.optimizer, amp=amp, whole_step=ws)
     net = models.compile_model(model, cudagraphs) if compile else model
     optimizer = models.build_optimizer(recipe, model, lr)

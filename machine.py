@@ -57,12 +57,16 @@ def provenance(device, threads):
 
 
 def git_commit():
-    """The commit this code runs from, with '-dirty' when the tree has uncommitted changes; in a copy
-    without .git (a device machine), $MNIST_RECIPES_COMMIT where the copy's sender set it."""
+    """The commit this code runs from, with '-dirty' when the tree has uncommitted changes; or
+    $MNIST_RECIPES_COMMIT where the sender of a copy set it (a device machine's copy carries no .git,
+    or a stale one)."""
+    given = printable(os.environ.get("MNIST_RECIPES_COMMIT", ""))[:40]
+    if given:
+        return given
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         found = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
                                capture_output=True, text=True, cwd=here, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         found = ""
-    return found or printable(os.environ.get("MNIST_RECIPES_COMMIT", ""))[:40] or None
+    return found or None

@@ -88,6 +88,7 @@ VARIANTS = {
     "amp+cudagraphs": ({"amp", "compile", "cudagraphs"}, ("cuda",)),
     "whole-step": ({"whole_step"}, ("cpu", "cuda", "mps")),  # whole_step.WholeStep: train.py --whole-step
     "amp+whole-step": ({"amp", "whole_step"}, ("cpu", "cuda", "mps")),
+    "whole-step+compile": ({"whole_step", "compile"}, ("cuda",)),  # inductor's kernels inside the step's graphs
     "amp+fast_dropout+whole-step": ({"amp", "fast_dropout", "whole_step"}, ("cpu",)),
 }
 QUICK = ["eager"]  # --quick's training variant (beside the sources' pipeline): the headline ratio
@@ -140,7 +141,8 @@ def time_training(name, device, pipeline, variant, steps, train_set, opts):
                             + ["--" + f.replace("_", "-") for f in sorted(on - {"cudagraphs"})])
     args.batch_size = recipe["batch_size"]
     torch.manual_seed(0)
-    t = train.build_training(args, recipe, device, steps, train_set, cudagraphs="cudagraphs" in on)
+    # the whole step replays CUDA graphs as train.py --whole-step does; --compile's graphs are a variant
+    t = train.build_training(args, recipe, device, steps, train_set, cudagraphs=bool({"cudagraphs", "whole_step"} & on))
     gen, timer, rates, extra = data.generator(0, device), Timer(device), [], {}
     skips = graph_skips() if "cudagraphs" in on else 0
     for r in range(opts.repeats + 1):

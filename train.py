@@ -175,7 +175,7 @@ def build_training(args, recipe, device, steps, train_set, cudagraphs=True):
     cudagraphs=False: --compile and --whole-step without CUDA graphs on CUDA)."""
     if args.whole_step:
         return loop.build(recipe, device, args.epochs, steps, args.lr, amp=args.amp, fast_dropout=args.fast_dropout,
-                          cudagraphs=cudagraphs, whole_step=(*train_set, args.batch_size))
+                          compile=args.compile, cudagraphs=cudagraphs, whole_step=(*train_set, args.batch_size))
     return loop.build(recipe, device, args.epochs, steps, args.lr, args.channels_last, args.amp, args.fast_dropout,
                       args.compile, cudagraphs)
 
@@ -237,8 +237,9 @@ def parser():
         "AMX/AVX512-BF16 and on GPUs with native bfloat16)")
     add("--fast-dropout", action="store_true", help="cheaper dropout masks on CPU (off by default; drop "
         "probability rounded to 1/65536, a different random stream than nn.Dropout)")
-    add("--compile", action="store_true", help="torch.compile the model, with CUDA graphs on CUDA (off by "
-        "default; see BENCHMARKS.md for when it pays)")
+    add("--compile", action="store_true", help="torch.compile the model, with CUDA graphs on CUDA; with "
+        "--whole-step, inductor's kernels inside the whole step's graphs (off by default; see BENCHMARKS.md for "
+        "when it pays)")
     add("--whole-step", action="store_true", help="the whole training step (batch, "
         "augmentation, forward, backward, update, schedule, figures: whole_step.WholeStep) on the device, "
         "replayed as CUDA graphs on CUDA; drops each epoch's short last batch (off by default; see BENCHMARKS.md)")
@@ -275,7 +276,7 @@ def check_args(args):
         raise UserError(f"--seed must be between 0 and 2**63-1, got {args.seed}")
     check_positive(args, "lr")
     if args.whole_step:
-        clash = [f for f, on in (("--compile", args.compile), ("--channels-last", args.channels_last),
+        clash = [f for f, on in (("--channels-last", args.channels_last),
                                  ("--pipeline torchvision", args.pipeline == "torchvision")) if on]
         if clash:
             raise UserError(f"--whole-step builds the whole step itself; drop {', '.join(clash)}")

@@ -130,7 +130,7 @@ def test_documented_epoch_to_target():
 
 
 def test_benchmark_latency_and_throughput_from_bench_json(tmp_path):
-    bench = records.read_bench(os.path.join(ROOT, "bench-cpu.json"))
+    bench = records.read_bench(os.path.join(ROOT, "results", "bench", "2026-11-25-cpu-infer.json"))
     assert sorted(bench["infer"]) == sorted(models.RECIPES)
     assert all(0 < r["value"] < 10 and r["threads"] == 1 for r in bench["infer"].values())
     assert bench["env"]["cpu"].startswith("Intel") and bench["env"]["git_commit"] == "8b00190"

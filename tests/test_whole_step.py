@@ -94,9 +94,21 @@ def test_a_non_finite_loss_names_its_step(mnist_dir):
 
 
 def test_refuses_flags_it_replaces(mnist_dir):
-    for flag in (["--compile"], ["--channels-last"], ["--pipeline", "torchvision"]):
+    for flag in (["--channels-last"], ["--pipeline", "torchvision"]):
         with pytest.raises(errors.UserError, match="--whole-step builds the whole step itself; drop --"):
             train.check_args(train.parse_args(["--whole-step", *flag]))
+
+
+def test_compile_with_whole_step_compiles_its_forward(mnist_dir, monkeypatch):
+    """--whole-step --compile: inductor's kernels for the step's forward and loss, inside its graphs."""
+    asked = {}
+    monkeypatch.setattr(whole_step.WholeStep, "__init__", lambda self, *a, **k: asked.update(args=a) or setattr(self, "optimizer", None))
+    monkeypatch.setattr(loop, "Training", lambda *a, **k: None)
+    args = train.parse_args(["--whole-step", "--compile", "--model", "bn_fc"])
+    train.check_args(args)
+    x, y = data.load("train", mnist_dir)
+    train.build_training(args, models.RECIPES["bn_fc"], torch.device("cpu"), 10, (x[:256], y[:256]))
+    assert asked["args"][-1] is True  # compile
 
 
 def cli(tmp_path, mnist_dir, name, *extra, subset=4000):
