@@ -34,7 +34,7 @@ bench:  ## quick speed table (gap10k, CPU); FULL=1: every model on every device
 bench-pytest:  ## pytest-benchmark inference micro-benchmarks
 	$(PY) -m pytest tests/benchmarks -p no:cacheprovider --benchmark-autosave $(ARGS)
 
-reproduce:  ## train every recipe over SEEDS seeds, write REPRODUCTION.md, figures/, pretrained/
+reproduce:  ## train every recipe over SEEDS seeds, then write REPRODUCTION.md, figures/ and the README table
 	$(PY) reproduce.py $(if $(SEEDS),--seeds $(SEEDS),) $(ARGS)
 
 figures:  ## no training: REPRODUCTION.md, figures/, README's results table from results/ (not pretrained/)

@@ -1,10 +1,10 @@
 """Training throughput and inference latency, side by side in one run.
 
-    python bench.py --quick                 # gap10k on CPU, under 5 minutes on 2 cores (make bench)
+    python bench.py --quick                 # gap10k on CPU, under 2 minutes on 2 cores (make bench)
     python bench.py --json bench.json       # every model on every device found (make bench FULL=1)
     python bench.py --model bn_fc --device cpu --task infer --backend eager onnxruntime
 
-train  images/s at the recipe's batch size with its augmentation, for the seed-style pipeline
+train  images/s at the recipe's batch size with its augmentation, for the sources' pipeline
        (torchvision Dataset + PIL transforms + DataLoader, eager, NCHW) and this project's fast
        pipeline in each variant that applies on the device (channels_last, bfloat16 amp, fast
        dropout on CPU, torch.compile, CUDA graphs on CUDA); the best variant is the fast-pipeline
@@ -49,13 +49,13 @@ def environment(devices, threads):
 
 def markdown(records):
     lines = ["### Training throughput (images/s, recipe batch size, with augmentation)", "",
-             "| model | device | seed-pipeline | fast-pipeline (best variant) | speed-up | epoch of 60k, seed / fast |"
+             "| model | device | sources-pipeline | fast-pipeline (best variant) | speed-up | epoch of 60k, sources / fast |"
              " other fast variants |",
              "|---|---|---|---|---|---|---|"]
     train_r = [r for r in records if r["task"] == "train"]
     for (m, d) in dict.fromkeys((r["model"], r["device"]) for r in train_r):
         rs = [r for r in train_r if (r["model"], r["device"]) == (m, d)]
-        seed = next((r for r in rs if r["backend"] == "seed-pipeline"), None)
+        seed = next((r for r in rs if r["backend"] == "sources-pipeline"), None)
         best = next((r for r in rs if r.get("best")), None)
         others = ", ".join(f"{r['variant']} {r['value']:,.0f}" for r in rs if r["backend"] == "fast-pipeline"
                            and not r.get("best"))
@@ -136,7 +136,7 @@ def parser():
     p.add_argument("--data-dir", help="MNIST folder (default: $MNIST_DIR, then ./data)")
     p.add_argument("--json", help="also write {environment, records} to this file, rewritten as each figure is "
                    "measured (default: none)")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the seed pipeline (default 2)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the sources' pipeline (default 2)")
     return p
 
 

@@ -2,8 +2,8 @@
 and the two pipelines that feed the training loop (loop.py):
   fast        the whole set lives as uint8 tensors on the training device; each batch is
               augmented there in one shot (one affine grid per sample, nearest sampling,
-              fill 0), with the semantics of the torchvision transforms the seeds used.
-  torchvision the seed-style path: a Dataset that hands out PIL images, torchvision
+              fill 0), with the semantics of the torchvision transforms the sources used.
+  torchvision the sources' path: a Dataset that hands out PIL images, torchvision
               transforms per sample, a DataLoader with workers.
 """
 import gzip
@@ -266,10 +266,10 @@ def batches(images, labels, batch_size, aug=None, gen=None):
             yield x[i - c:i - c + batch_size], labels[idx[i - c:i - c + batch_size]]
 
 
-# -------------------------------------------------------------------- seed-style pipeline
+# ----------------------------------------------------------------- the sources' pipeline
 
 def torchvision_transform(aug):
-    """The torchvision transform chain the seeds wrote for the same augmentation dict."""
+    """The torchvision transform chain the sources wrote for the same augmentation dict."""
     from torchvision import transforms as T
     steps = []
     if aug and aug.get("crop"):

@@ -102,7 +102,7 @@ SUMMARY = {  # what summary.json must hold for any report to use it
     "seed": whole(0), "batch_size": whole(1), "subset": optional(whole(1)), "val_images": whole(0),
     "train_images": whole(1), "lr": optional(number(0)), "pipeline": text, "device": one_of(["cpu", "cuda", "mps"]),
     "device_name": text, "amp": flag, "compile": flag, "channels_last": flag, "fast_dropout": flag,
-    "cores": whole(1), "threads": whole(1), "python": VERSION, "torch": VERSION, "torchvision": VERSION,
+    "whole_step": optional(flag), "cores": whole(1), "threads": whole(1), "python": VERSION, "torch": VERSION, "torchvision": VERSION,
     "git_commit": optional(COMMIT), "date": date, "command": lambda v: text(v, 2000), "reconstructed": texts,
     "wall_seconds": number(0), "best_test_acc": ACCURACY, "best_epoch": whole(1), "final_test_acc": ACCURACY,
     "val_chosen_test_acc": optional(ACCURACY), "val_chosen_epoch": optional(whole(1)),

@@ -251,17 +251,18 @@ def published_section(results):
 
 
 def settings(runs):
-    """The training settings the runs recorded, e.g. 'fast pipeline, fp32, eager'."""
+    """The training settings the runs recorded, e.g. 'fast pipeline, fp32, eager step'."""
     said = set()
     for r in runs:
+        step = "the whole step (--whole-step)" if r["whole_step"] else "eager step"
         flags = [f"{md_text(r['pipeline'])} pipeline", "bfloat16 autocast" if r["amp"] else "fp32",
-                 "torch.compile" if r["compile"] else "eager"]
+                 f"{step} with torch.compile" if r["compile"] else step]
         said.add(", ".join(flags + [f for f in ("channels_last", "fast_dropout") if r[f]]))
     return " / ".join(sorted(said))
 
 
 def machine_text(runs):
-    """'AMD EPYC (2 cores), torch 2.14.1+cu130, fast pipeline, fp32, eager' for a set of runs."""
+    """'AMD EPYC (2 cores), torch 2.14.1+cu130, fast pipeline, fp32, eager step' for a set of runs."""
     names = sorted({f"{md_text(r['device_name'])} ({r['cores']} cores)" if r["device"] == "cpu" else
                     md_text(r["device_name"]) for r in runs})
     torches = sorted({md_text(r["torch"]) for r in runs})
@@ -306,8 +307,10 @@ def reproduction_md(names, results, gpu, measured, bench):
 
 # ---------------------------------------------------------------------------- the README's table
 
-def readme_table(results):
-    """The README's results table and the one sentence on how sure its figures are."""
+def readme_table(results, names=()):
+    """The README's results table, the one sentence on how sure its figures are, and which of `names`
+    have no finished run yet."""
+    absent = [f"`{n}`" for n in names if n not in results]
     rows = []
     for name, runs in results.items():
         doc = wilson(models.RECIPES[name]["documented"]["best_test_acc"])
@@ -319,7 +322,9 @@ def readme_table(results):
             f"Test accuracy on the 10,000 MNIST test images, as mean +- std over {'-'.join(map(str, counts))} "
             "seeds per recipe, trained on the CPU; in brackets, the range that holds the true mean with 95% "
             "confidence. The sources' way takes each run's best epoch by test accuracy, as the sources did, so it "
-            "flatters; chosen on validation does not. How each figure is computed: [REPRODUCTION.md](REPRODUCTION.md)."]
+            "flatters; chosen on validation does not. How each figure is computed: [REPRODUCTION.md](REPRODUCTION.md).",
+            *(["", f"Not yet in the table (no finished seed-1 run in `{RUNS}/`): {', '.join(absent)}."]
+              if absent else [])]
 
 
 def splice_readme(text, lines):
@@ -366,7 +371,7 @@ def build(names, data_dir, root="."):
         raise UserError(f"no finished seed-1 run in {RUNS}/ for {', '.join(names)} that the report can use (lines "
                         "above say why a run was left out); train them with reproduce.py first")
     with open(os.path.join(root, README), encoding="utf-8") as f:
-        readme = splice_readme(f.read(), ["", *readme_table(results), ""])
+        readme = splice_readme(f.read(), ["", *readme_table(results, names), ""])
     scorer = scoring.Scorer(results, data_dir, recorded)
     measured = scoring.measure(results, scorer, TRAIN_SET_FIGURE)
     files = {REPORT: reproduction_md(names, results, gpu, measured, bench).encode(), README: readme.encode(),

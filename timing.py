@@ -50,7 +50,7 @@ class Timer:
 class Settings:
     """How a run measures, the same for every model and device: timed repeats (the median is reported),
     batch-1 calls per latency figure, training steps per repeat (None: a whole epoch off the CPU, 30
-    with --quick, else 50), the seed pipeline's DataLoader workers, the fast-pipeline variants, the
+    with --quick, else 50), the sources' pipeline's DataLoader workers, the fast-pipeline variants, the
     inference backends, the images onnxruntime-int8 is calibrated on (None: not wanted), and where
     progress lines go."""
     repeats: int = 3
@@ -102,7 +102,7 @@ def bench_train(name, device, images, labels, opts):
     recipe = models.RECIPES[name]
     steps = opts.train_steps(name, device, len(labels))
     train_set = images.to(device), labels.to(device)
-    todo = [("seed-pipeline", "eager")] + [("fast-pipeline", v) for v in fast_variants(recipe, device, opts)]
+    todo = [("sources-pipeline", "eager")] + [("fast-pipeline", v) for v in fast_variants(recipe, device, opts)]
     for i, (pipeline, variant) in enumerate(todo, 1):
         what = f"train {name} {device.type} {pipeline}/{variant}"
         opts.progress(f"{what} ({i} of {len(todo)})")
@@ -166,7 +166,7 @@ def time_training(name, device, pipeline, variant, steps, train_set, opts):
 def training_batches(pipeline, recipe, train_set, gen, opts):
     """An iterator of training batches: the sources' DataLoader + PIL transforms, or the fast pipeline."""
     x, y = train_set
-    if pipeline == "seed-pipeline":
+    if pipeline == "sources-pipeline":
         return iter(data.seed_loader(x.cpu(), y.cpu(), recipe["batch_size"], recipe["augment"],
                                      workers=opts.workers, pin_memory=x.device.type == "cuda"))
     return data.batches(x, y, recipe["batch_size"], recipe["augment"], gen=gen)

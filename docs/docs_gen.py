@@ -5,12 +5,21 @@ import importlib
 import os
 import sys
 
-import cog
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 WIDTH = 100  # the --help text's width, whatever the terminal that regenerates it
+
+
+class _Cog:
+    """The `cog` module of the Cog run now processing a page (cogapp installs a new one per run; a
+    module-level `import cog` would keep writing into the first run's)."""
+
+    def __getattr__(self, name):
+        return getattr(sys.modules["cog"], name)
+
+
+cog = _Cog()
 
 
 def help(script):

@@ -26,7 +26,7 @@ def test_bench_writes_every_record_it_promises(tmp_path, mnist_dir, capsys):
     recs = got["records"]
     assert all(FIELDS <= set(r) for r in recs)
     train_r = [(r["backend"], r["variant"]) for r in recs if r["task"] == "train"]
-    assert train_r == [("seed-pipeline", "eager"), ("fast-pipeline", "eager"), ("fast-pipeline", "amp")]
+    assert train_r == [("sources-pipeline", "eager"), ("fast-pipeline", "eager"), ("fast-pipeline", "amp")]
     assert sum(r.get("best", False) for r in recs) == 1
     infer = {(r["backend"], r["threads"], r["batch_size"], r["metric"]) for r in recs if r["task"] == "infer"}
     threads = sorted({1, torch.get_num_threads()})
@@ -49,7 +49,7 @@ def test_a_failing_variant_is_reported_not_fatal(tmp_path, mnist_dir, capsys, mo
     out = tmp_path / "bench.json"
     bench.main(TINY + ["--data-dir", mnist_dir, "--task", "train", "--variant", "compile", "--json", str(out)])
     got = json.loads(out.read_text())
-    assert [r["backend"] for r in got["records"]] == ["seed-pipeline"]
+    assert [r["backend"] for r in got["records"]] == ["sources-pipeline"]
     assert got["environment"]["skipped"] == ["train bn_fc cpu fast-pipeline/compile: RuntimeError: no compiler here"]
     printed = capsys.readouterr().out
     assert "| bn_fc | cpu |" in printed and "not measured:" in printed

@@ -8,7 +8,7 @@ import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Pinned parameter counts: the four documented by their seeds, and bn_gap's own design.
+# Pinned parameter counts: the four documented by their sources, and bn_gap's own design.
 PARAMS = {"bn_gap": 18304, "conv4_fc": 24552, "gap10k": 9798, "bn_drop": 13808, "bn_fc": 9594}
 
 

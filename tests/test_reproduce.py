@@ -138,7 +138,7 @@ def test_benchmark_latency_and_throughput_from_bench_json(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"environment": dict(bench["env"], cpu="x"), "records": [
         {"task": "train", "model": "bn_fc", "device": "cpu", "backend": "fast-pipeline", "variant": "eager",
          "metric": "images_per_s", "value": 1234.5, "threads": 1},
-        {"task": "train", "model": "bn_fc", "device": "cpu", "backend": "seed-pipeline", "variant": "eager",
+        {"task": "train", "model": "bn_fc", "device": "cpu", "backend": "sources-pipeline", "variant": "eager",
          "metric": "images_per_s", "value": 99.0, "threads": 1}]}))
     assert records.read_bench(str(tmp_path / "b.json"))["train"] == {"bn_fc": {"model": "bn_fc", "value": 1234.5,
                                                                                 "threads": 1}}
@@ -254,7 +254,7 @@ def test_the_report_says_what_the_runs_say_of_threads(workdir):
     lines = report.runs_section(run_set()[0])
     assert lines[-2].startswith("| bn_fc seed 1 | ") and lines[-2].split(" | ")[4] == "1"
     assert lines[-1].startswith("| bn_fc seed 2 | ") and lines[-1].split(" | ")[4] == "2"
-    assert "2 runs on Test CPU (2 cores), torch 2.14.1, fast pipeline, fp32, eager." in lines[3]
+    assert "2 runs on Test CPU (2 cores), torch 2.14.1, fast pipeline, fp32, eager step." in lines[3]
 
 
 def test_intervals_and_the_verdict_against_the_documented_figure():
