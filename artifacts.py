@@ -15,7 +15,6 @@ import copy
 import io
 import json
 import os
-import stat
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import contract
 import data
 import models
 from errors import UserError, first_line
-from fileio import kind_of, stderr_into, write_synced
+from fileio import kind_of, read_open_file, stderr_into, write_synced
 from manifest import MANIFEST, read_manifest, sha256
 from runfiles import find_checkpoint, load_checkpoint
 
@@ -240,14 +239,9 @@ def read_export(path, fmt):
         raise UserError(f"artifact {path} does not exist") from None
     except OSError as e:
         raise UserError(f"cannot read artifact {path}: {e.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise UserError(f"artifact {path} is {kind_of(mode)}, not a file export.py wrote")
-        with open(fd, "rb", closefd=False) as f:
-            blob = f.read(limit + 1)
-    finally:
-        os.close(fd)
+    blob, mode = read_open_file(fd, limit)
+    if blob is None:
+        raise UserError(f"artifact {path} is {kind_of(mode)}, not a file export.py wrote")
     if len(blob) > limit:
         raise UserError(f"refusing {path}: larger than {limit:,} bytes, which no {fmt} file export.py writes reaches")
     return blob

@@ -35,7 +35,7 @@ def verify(path, reference, images, labels, tolerance):
     same = int((got.argmax(1) == reference.argmax(1)).sum())
     diff = float((got - reference).abs().max())
     figures = dict(same_predictions=same, images=len(reference), max_abs_diff=diff, batch1_max_abs_diff=None,
-                   accuracy=models.score(got, labels)[2], ok=False)
+                   accuracy=models.loss_and_accuracy(got, labels)[2], ok=False)
     if same < len(reference) or diff > tolerance:
         return figures  # failed already: no need for the slower batch-1 pass
     old = torch.get_num_threads()
@@ -74,9 +74,9 @@ def verify_int8(path, src, tolerance):
     """An int8 file against the fp32 model on every test image: accuracy (batch 1000 and batch 1)
     within `tolerance` percentage points of the fp32 accuracy; agreement with its predictions."""
     run = artifacts.classifier(path)  # ONNX: data, no trust needed
-    fp32 = models.score(src.reference, src.labels)[2]
+    fp32 = models.loss_and_accuracy(src.reference, src.labels)[2]
     got = run(src.images)
-    acc = models.score(got, src.labels)[2]
+    acc = models.loss_and_accuracy(got, src.labels)[2]
     figures = dict(same_predictions=int((got.argmax(1) == src.reference.argmax(1)).sum()), images=len(src.labels),
                    accuracy=acc, batch1_accuracy=None, fp32_accuracy=fp32, accuracy_change=round(acc - fp32, 2),
                    max_abs_diff=float((got - src.reference).abs().max()), batch1_max_abs_diff=None, ok=False)
@@ -88,7 +88,7 @@ def verify_int8(path, src, tolerance):
         single = run(src.images, batch_size=1)
     finally:
         torch.set_num_threads(old)
-    acc1 = models.score(single, src.labels)[2]
+    acc1 = models.loss_and_accuracy(single, src.labels)[2]
     return dict(figures, batch1_accuracy=acc1, batch1_max_abs_diff=float((single - src.reference).abs().max()),
                 ok=abs(acc1 - fp32) <= tolerance)
 

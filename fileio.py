@@ -80,6 +80,20 @@ KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "
          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def read_open_file(fd, limit):
+    """(at most limit + 1 bytes of the open file `fd`, its mode), or (None, mode) where it is not a
+    regular file (a FIFO or a device is never read, so never waited on). Closes fd. A caller refuses
+    more than `limit` bytes in its own words."""
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            return None, mode
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1), mode
+    finally:
+        os.close(fd)
+
+
 def kind_of(mode):
     return next((what for test, what in KINDS if test(mode)), "not a regular file")
 

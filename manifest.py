@@ -5,10 +5,9 @@ import contextlib
 import hashlib
 import json
 import os
-import stat
 
 from errors import UserError
-from fileio import json_text, kind_of, lock, save_text, unlock
+from fileio import json_text, kind_of, lock, read_open_file, save_text, unlock
 
 MANIFEST = "manifest.json"
 
@@ -46,14 +45,9 @@ def read_manifest(folder):
         if os.path.islink(path):
             raise UserError(f"{bad}: it is a symbolic link (delete it and export again)") from None
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise UserError(f"{bad}: it is {kind_of(mode)} (remove it and export again)")
-        with open(fd, "rb", closefd=False) as f:
-            blob = f.read(MAX_MANIFEST_BYTES + 1)
-    finally:
-        os.close(fd)
+    blob, mode = read_open_file(fd, MAX_MANIFEST_BYTES)
+    if blob is None:
+        raise UserError(f"{bad}: it is {kind_of(mode)} (remove it and export again)")
     if len(blob) > MAX_MANIFEST_BYTES:
         raise UserError(f"{bad}: larger than {MAX_MANIFEST_BYTES:,} bytes (delete it and export again)")
     try:

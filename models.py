@@ -313,7 +313,6 @@ def loss_and_accuracy(logp, y):
     return F.nll_loss(logp, y.cpu()).item(), correct, round(100 * correct / len(y), 2)
 
 
-score = loss_and_accuracy  # TODO(lead): callers in export/evaluate/reproduce move to loss_and_accuracy
 
 
 # ------------------------------------------------------------------------- speed options

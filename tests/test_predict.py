@@ -192,7 +192,7 @@ def test_bad_inputs_each_get_one_error_line_and_the_good_ones_answers(tmp_path, 
     head, *answers = out.splitlines()
     acc = runfiles.load_checkpoint(pretrained("bn_gap"))["test_acc"]
     assert head == f"# bn_gap (checkpoint {pretrained('bn_gap')}, test accuracy {acc:.2f}%)"   # what answered
-    assert answers == [l for l in answers if l.startswith(str(tmp_path / "good.png"))]
+    assert answers == [a for a in answers if a.startswith(str(tmp_path / "good.png"))]
     assert answers[0].startswith(f"{tmp_path / 'good.png'}: {int(y[0])} (") and "top: " in out
     lines = err.strip().splitlines()
     expect = {"text.png": "not an image", "truncated.png": "truncated", "empty.jpg": "empty file",
