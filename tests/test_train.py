@@ -188,3 +188,69 @@ def test_val_split_is_fixed_disjoint_and_the_same_for_every_seed():
     assert torch.equal(held, data.split_val(5000)[1])                        # a fixed choice
     assert torch.equal(keep, keep.sort().values) and torch.equal(data.split_val(0)[0], torch.arange(60000))
     assert set(data.split_val(1000)[1].tolist()) <= set(held.tolist())      # smaller splits nest in larger ones
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "bn_gap", "--subset", "257"], "leave a last batch of one image"),          # 2 x 128 + 1
+    (["--model", "bn_fc", "--val", "59743"], "leave a last batch of one image"),           # 257 left by --val
+    (["--model", "bn_gap", "--batch-size", "256", "--subset", "513"], "leave a last batch of one image"),
+])
+def test_a_last_batch_of_one_image_is_refused_up_front(argv, says):
+    """BatchNorm cannot train on one image: refused before any work, whichever flag made it."""
+    with pytest.raises(errors.UserError, match=says):
+        train.check_args(train.parse_args(argv))
+
+
+def test_a_one_cycle_phase_of_no_steps_is_refused():
+    """bn_gap's OneCycleLR over 4 steps in all has a warm-up of no step: one line, not a ZeroDivisionError."""
+    recipe = models.RECIPES["bn_gap"]
+    optimizer = models.build_optimizer(recipe, models.build_model("bn_gap"))
+    with pytest.raises(errors.UserError, match="one of its phases would last no step"):
+        models.build_schedule(recipe, optimizer, 1, 4)
+
+
+def unfinished_copy(trained, tmp_path, edit):
+    """A copy of the `trained` run whose last.pt says it wants 2 epochs (so --resume has work), edited."""
+    import shutil
+    folder = tmp_path / "run"
+    shutil.copytree(trained, folder)
+    ckpt = torch.load(folder / "last.pt", weights_only=True)
+    ckpt["args"]["epochs"] = 2
+    ckpt["args"]["out"] = str(folder)
+    edit(ckpt)
+    torch.save(ckpt, folder / "last.pt")
+    return folder
+
+
+RESUME_DISAGREES = [
+    ("saved args name another model", lambda c: c["args"].update(model="gap10k")),
+    ("a history row without test_acc", lambda c: c["history"][0].pop("test_acc")),
+    ("a best epoch not in the history", lambda c: c.update(best_epoch=7)),
+    ("saved epochs not a number", lambda c: c["args"].update(epochs="two")),
+    ("saved args not a dict", lambda c: c.update(args=["bn_fc"])),
+]
+
+
+@pytest.mark.parametrize("edit", [e for _, e in RESUME_DISAGREES], ids=[i for i, _ in RESUME_DISAGREES])
+def test_resume_refuses_a_last_pt_whose_parts_disagree(trained, tmp_path, mnist_dir, edit):
+    """Every part of last.pt is checked against the others before anything is restored: one UserError
+    naming last.pt, and the run folder as it was."""
+    folder = unfinished_copy(trained, tmp_path, edit)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(errors.UserError, match="last.pt"):
+        train.run(train.parse_args(["--resume", str(folder), "--data-dir", mnist_dir, "--no-progress"]))
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+
+
+def test_a_name_that_is_not_utf8_is_printed_escaped(tmp_path, mnist_dir):
+    """A run folder whose name is not UTF-8, printed to a strict UTF-8 stream: escaped, no traceback."""
+    import subprocess
+    import sys
+    out = os.path.join(os.fsencode(str(tmp_path)), b"\xff-run")
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", LC_ALL="C.UTF-8", MNIST_DIR=mnist_dir)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "train.py", "--model", "bn_fc", "--subset", "256", "--epochs", "1",
+                        "--device", "cpu", "--threads", "1", "--no-progress", "--out", out],
+                       cwd=root, env=env, capture_output=True, timeout=300)
+    assert p.returncode == 0 and b"Traceback" not in p.stderr, p.stderr[-2000:]
+    assert b"\\xff-run" in p.stdout and b"\xff" not in p.stdout
