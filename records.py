@@ -259,16 +259,23 @@ BENCH_ENV = {"cpu": text, "cores": whole(1), "date": date, "command": lambda v: 
              "git_commit": optional(COMMIT), "torch": VERSION, "load_before": optional(number(0))}
 
 
+def json_object(path):
+    """The JSON object in the file `path`, or None if there is no file; BadRecord if it is not one."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return fileio.read_json_dict(path)
+    except UserError:
+        raise _bad(path, "file", "not a JSON object (strict JSON: no NaN or Infinity)") from None
+
+
 def read_bench(path):
     """bench.py's --json file as {env: its checked environment, train: {model: record}, infer: {model:
     record}}: CPU training throughput of the fast pipeline in eager fp32 (the runs' setting) and ONNX
     Runtime batch-1 p50 latency on one thread, each record {value, threads}. None if there is no file."""
-    if not os.path.exists(path):
+    obj = json_object(path)
+    if obj is None:
         return None
-    try:
-        obj = fileio.read_json_dict(path)
-    except UserError:
-        raise _bad(path, "file", "not a JSON object (strict JSON: no NaN or Infinity)") from None
     if not isinstance(obj.get("environment"), dict):
         raise _bad(path, "environment", "missing or not an object")
     if not isinstance(obj.get("records"), list) or not all(isinstance(r, dict) for r in obj["records"]):
@@ -300,12 +307,9 @@ def read_scores(path):
     """The scores report.py keeps beside the run set (it writes this file): per seed-1 checkpoint
     ('<recipe>-seed1/best.pt') its sha256 and, per MNIST split it was scored on, which images it gets
     right as a hex bitmap (numpy.packbits). {} if there is no file; BadRecord if it is damaged."""
-    if not os.path.exists(path):
+    obj = json_object(path)
+    if obj is None:
         return {}
-    try:
-        obj = fileio.read_json_dict(path)
-    except UserError:
-        raise _bad(path, "file", "not a JSON object (strict JSON: no NaN or Infinity)") from None
     if not isinstance(obj.get("checkpoints"), dict):
         raise _bad(path, "checkpoints", "missing or not an object")
     schema = {"sha256": matching(r"[0-9a-f]{64}", "a sha256")}

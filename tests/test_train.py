@@ -234,12 +234,15 @@ RESUME_DISAGREES = [
 @pytest.mark.parametrize("edit", [e for _, e in RESUME_DISAGREES], ids=[i for i, _ in RESUME_DISAGREES])
 def test_resume_refuses_a_last_pt_whose_parts_disagree(trained, tmp_path, mnist_dir, edit):
     """Every part of last.pt is checked against the others before anything is restored: one UserError
-    naming last.pt, and the run folder as it was."""
+    naming last.pt, and the run's files as they were (the folder's .lock holds whoever locked it last)."""
     folder = unfinished_copy(trained, tmp_path, edit)
-    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    def files():
+        return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and p.name != ".lock"}
+    before = files()
     with pytest.raises(errors.UserError, match="last.pt"):
         train.run(train.parse_args(["--resume", str(folder), "--data-dir", mnist_dir, "--no-progress"]))
-    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert files() == before
 
 
 def test_a_name_that_is_not_utf8_is_printed_escaped(tmp_path, mnist_dir):
