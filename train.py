@@ -424,7 +424,7 @@ def resumed(r, ckpt):
     t = r.training
     restore(ckpt, t.model, t.optimizer, t.scheduler, r.device, r.gen, r.out)
     if t.whole_step is not None:
-        t.whole_step.own_lr()  # the loaded groups' lr back to its device tensors
+        t.whole_step.adopt_optimizer_state()  # the loaded optimizer state into the step's own tensors
     first = ckpt["epoch"] + 1
     if first > r.args.epochs:
         raise UserError(f"{printable(r.out)} already finished its {r.args.epochs} epochs; nothing to resume")

@@ -170,8 +170,6 @@ class WholeStep:
         """After optimizer.load_state_dict (train.py --resume): the loaded state into the step's own tensors."""
         self.update.adopt_state()
 
-    own_lr = adopt_optimizer_state  # the name train.py calls it by
-
     def lr(self, epoch):
         """The learning rate of epoch `epoch`'s first step (what metrics.csv records)."""
         return self.schedule.epoch(epoch)[0][0]

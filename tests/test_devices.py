@@ -27,6 +27,17 @@ def short_run(tmp_path, mnist_dir, device, name, *extra):
     return train.run(args), tmp_path / name
 
 
+def resume_and_compare(a, c, mnist_dir):
+    """Resume the stopped run c and check it ends where the uninterrupted run a did: the same two
+    metrics rows (times aside) and the same last.pt weights."""
+    train.run(train.parse_args(["--resume", str(c), "--data-dir", mnist_dir, "--no-progress"]))
+    cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]
+    rows = [[[r[k] for k in cols] for r in runfiles.read_metrics(str(f))] for f in (a, c)]
+    assert len(rows[0]) == 2 and rows[0] == rows[1]
+    wa, wc = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, c))
+    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+
+
 @pytest.mark.xdist_group("gap10k_run")
 @pytest.mark.parametrize("device", DEVICES)
 def test_same_seed_same_numbers_and_exact_resume(tmp_path, mnist_dir, device, monkeypatch, request):
@@ -51,12 +62,7 @@ def test_same_seed_same_numbers_and_exact_resume(tmp_path, mnist_dir, device, mo
     with pytest.raises(KeyboardInterrupt):
         short_run(tmp_path, mnist_dir, device, "c")
     monkeypatch.setattr(loop, "train_epoch", real)
-    train.run(train.parse_args(["--resume", str(tmp_path / "c"), "--data-dir", mnist_dir, "--no-progress"]))
-    cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]
-    rows = [[[r[k] for k in cols] for r in runfiles.read_metrics(str(f))] for f in (a, tmp_path / "c")]
-    assert len(rows[0]) == 2 and rows[0] == rows[1]
-    wa, wc = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, tmp_path / "c"))
-    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    resume_and_compare(a, tmp_path / "c", mnist_dir)
     # another seed, other numbers: a's arguments but the seed (so the same schedule: with --epochs 1
     # the one-cycle schedule alone made epoch 1 differ), stopped after epoch 1 like c; its training
     # figures are what the seed decides (the test-set pass they feed is scripted: a and c compare theirs)
@@ -190,9 +196,4 @@ def test_whole_step_resumes_exactly_on_cuda(tmp_path, mnist_dir, monkeypatch):
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         short_run(tmp_path, mnist_dir, "cuda", "c", "--whole-step")
     monkeypatch.setattr(whole_step.WholeStep, "epoch", real)
-    train.run(train.parse_args(["--resume", str(tmp_path / "c"), "--data-dir", mnist_dir, "--no-progress"]))
-    cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]
-    rows = [[[r[k] for k in cols] for r in runfiles.read_metrics(str(f))] for f in (a, tmp_path / "c")]
-    assert len(rows[0]) == 2 and rows[0] == rows[1]
-    wa, wc = (torch.load(f / "last.pt", weights_only=True)["model"] for f in (a, tmp_path / "c"))
-    assert all(torch.equal(wa[k], wc[k]) for k in wa)
+    resume_and_compare(a, tmp_path / "c", mnist_dir)
