@@ -87,6 +87,12 @@ def texts(v):
     raise ValueError("not a list of text")
 
 
+def epochs(v):
+    if isinstance(v, list) and all(type(e) is int and e >= 1 for e in v):
+        return v
+    raise ValueError("not a list of epochs")
+
+
 def flag(v):
     if isinstance(v, bool):
         return v
@@ -104,7 +110,8 @@ SUMMARY = {  # what summary.json must hold for any report to use it
     "device_name": text, "amp": flag, "compile": flag, "channels_last": flag, "fast_dropout": flag,
     "whole_step": optional(flag), "cores": whole(1), "threads": whole(1), "python": VERSION, "torch": VERSION, "torchvision": VERSION,
     "git_commit": optional(COMMIT), "date": date, "command": lambda v: text(v, 2000), "reconstructed": texts,
-    "wall_seconds": number(0), "best_test_acc": ACCURACY, "best_epoch": whole(1), "final_test_acc": ACCURACY,
+    "wall_seconds": number(0), "resumed_at_epochs": optional(epochs), "best_test_acc": ACCURACY,
+    "best_epoch": whole(1), "final_test_acc": ACCURACY,
     "val_chosen_test_acc": optional(ACCURACY), "val_chosen_epoch": optional(whole(1)),
 }
 
@@ -136,6 +143,8 @@ def read_summary(folder):
                        ("val_chosen_epoch", s["epochs_done"])):
         if s[field] is not None and s[field] > top:
             raise _bad(path, field, "beyond the epochs the run trained")
+    if s["resumed_at_epochs"] and max(s["resumed_at_epochs"]) > s["epochs_done"]:
+        raise _bad(path, "resumed_at_epochs", "beyond the epochs the run trained")
     if (s["val_images"] > 0) != (s["val_chosen_epoch"] is not None) or \
             (s["val_chosen_epoch"] is None) != (s["val_chosen_test_acc"] is None):
         raise _bad(path, "val_chosen_epoch", "does not agree with val_images")

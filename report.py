@@ -269,6 +269,18 @@ def machine_text(runs):
     return f"{', '.join(names)}, torch {', '.join(torches)}, {settings(runs)}"
 
 
+def wall_time(r):
+    """A run's wall time as the runs table gives it: a run stopped and resumed counts every part when its
+    record names its resumes (resumed_at_epochs), else (a record from before train.py kept them) only the
+    part from its last resume on, and says so."""
+    minutes = f"{r['wall_seconds'] / 60:.1f} min"
+    if r["resumed_at_epochs"]:
+        return f"{minutes} (resumed at epoch {', '.join(map(str, r['resumed_at_epochs']))})"
+    if r["resumed_at_epochs"] is None and "--resume" in r["command"].split():
+        return f"{minutes} from its resume on"
+    return minutes
+
+
 def runs_section(results):
     rows = []
     for name, runs in results.items():
@@ -276,14 +288,17 @@ def runs_section(results):
             loads = [row["load_1m"] for row in r["rows"] if row["load_1m"] is not None]
             rows.append([f"{name} seed {r['seed']}", f"{r['best_test_acc']:.2f}% ({r['best_epoch']})",
                          f"{r['val_chosen_test_acc']:.2f}% ({r['val_chosen_epoch']})", r["git_commit"] or "unknown",
-                         str(r["threads"]), f"{r['wall_seconds'] / 60:.1f} min",
+                         str(r["threads"]), f"{sum(row['seconds'] for row in r['rows']) / 60:.1f} min", wall_time(r),
                          f"{statistics.mean(loads):.1f}" if loads else "not recorded", r["date"][:10]])
     all_runs = [r for runs in results.values() for r in runs]
     return ["", "## The runs", "",
-            f"{len(all_runs)} runs on {machine_text(all_runs)}. Wall time covers training and the per-epoch "
-            "scoring; the load average is metrics.csv's 1-minute load average, the mean over the run's epochs.", "",
-            *table(["run", "best (epoch)", "chosen on validation (epoch)", "commit", "torch threads", "wall time",
-                    "load average", "date"], rows)]
+            f"{len(all_runs)} runs on {machine_text(all_runs)}. Training time is the sum of metrics.csv's "
+            "seconds over every epoch (training only); wall time is summary.json's, training and the "
+            "per-epoch scoring, and for a run that was stopped and resumed, from its resume on where its "
+            "record kept no earlier part. The load average is metrics.csv's 1-minute load average, the mean "
+            "over the run's epochs.", "",
+            *table(["run", "best (epoch)", "chosen on validation (epoch)", "commit", "torch threads",
+                    "training time", "wall time", "load average", "date"], rows)]
 
 
 def gpu_section(gpu):

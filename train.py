@@ -64,7 +64,11 @@ def fit(r, ckpt=None):
     score, write every epoch's files before the next starts. Returns the summary dict."""
     history, best_acc, best_epoch, first = resumed(r, ckpt)
     info = describe(r)
-    t_run = time.time()
+    # wall time and resumes carried in last.pt, so a resumed run's summary counts every part; a last.pt
+    # written before they were kept counts from its resume on, and its summary names no resumes
+    earlier = (ckpt.get("wall_seconds"), ckpt.get("resumed_at")) if ckpt else (0.0, [])
+    resumes = None if earlier[0] is None else earlier[1] + ([first] if ckpt else [])
+    t_run = time.time() - (earlier[0] or 0.0)
     for epoch in range(first, r.args.epochs + 1):
         train_loss, train_acc, seen, seconds, lr = train_one_epoch(r, epoch)
         row, correct = score(r, epoch, train_loss, train_acc, seen, seconds, lr)
@@ -77,9 +81,14 @@ def fit(r, ckpt=None):
         summary = dict(info, **results(history, best_epoch, n_test, r.args.val), final_test_acc=row["test_acc"],
                        final_test_acc_ci95=ci95(correct, n_test), epochs_done=epoch,
                        wall_seconds=round(time.time() - t_run, 1))
+        if resumes is not None:
+            summary["resumed_at_epochs"] = resumes
         state = make_checkpoint(r.args.model, r.training.model.state_dict(), epoch, row["test_acc"], info["params"],
                                 val_acc=row["val_acc"])
-        write_epoch(r.out, state, training_state(r, history, best_acc, best_epoch), is_best, history, summary)
+        kept = training_state(r, history, best_acc, best_epoch)
+        if resumes is not None:
+            kept.update(wall_seconds=summary["wall_seconds"], resumed_at=resumes)
+        write_epoch(r.out, state, kept, is_best, history, summary)
         if epoch == first:
             point_latest(r.args, r.out)
     print(last_words(r, summary))
@@ -338,6 +347,10 @@ def check_training_state(ckpt, out):
             raise UserError(bad + f"its history's epoch {h['epoch']} lacks a number for {missing[0]}")
     if not 1 <= ckpt["best_epoch"] <= epoch:
         raise UserError(bad + f"its best epoch {ckpt['best_epoch']} is not one of its epochs 1 to {epoch}")
+    wall, at = ckpt.get("wall_seconds"), ckpt.get("resumed_at")  # both, or neither (a last.pt from before them)
+    if (wall is None) != (at is None) or wall is not None and not (
+            is_number(wall) and wall >= 0 and isinstance(at, list) and all(type(e) is int and 1 < e <= epoch for e in at)):
+        raise UserError(bad + "its wall time or resume epochs are not what train.py writes")
     return saved
 
 

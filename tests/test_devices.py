@@ -1,5 +1,6 @@
 """The behaviours that must hold on every device, run on the CPU always and on CUDA (and MPS) where
 present: `make gpu-check` runs this file on the GPU machine. Small subsets keep the CPU run short."""
+import json
 import os
 import warnings
 
@@ -29,8 +30,13 @@ def short_run(tmp_path, mnist_dir, device, name, *extra):
 
 def resume_and_compare(a, c, mnist_dir):
     """Resume the stopped run c and check it ends where the uninterrupted run a did: the same two
-    metrics rows (times aside) and the same last.pt weights."""
+    metrics rows (times aside) and the same last.pt weights. Its summary counts both parts' wall time and
+    names the epoch it resumed at."""
+    before = torch.load(c / "last.pt", weights_only=True)["wall_seconds"]  # epoch 1's part
     train.run(train.parse_args(["--resume", str(c), "--data-dir", mnist_dir, "--no-progress"]))
+    sa, sc = (json.loads((f / "summary.json").read_text()) for f in (a, c))
+    assert sa["resumed_at_epochs"] == [] and sc["resumed_at_epochs"] == [2]
+    assert sc["wall_seconds"] >= before + float(runfiles.read_metrics(str(c))[1]["seconds"]) - 0.1  # rounding
     cols = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"]
     rows = [[[r[k] for k in cols] for r in runfiles.read_metrics(str(f))] for f in (a, c)]
     assert len(rows[0]) == 2 and rows[0] == rows[1]

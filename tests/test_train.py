@@ -228,6 +228,9 @@ RESUME_DISAGREES = [
     ("a best epoch not in the history", lambda c: c.update(best_epoch=7)),
     ("saved epochs not a number", lambda c: c["args"].update(epochs="two")),
     ("saved args not a dict", lambda c: c.update(args=["bn_fc"])),
+    ("a wall time that is no number", lambda c: c.update(wall_seconds="long")),
+    ("resumed at an epoch it never reached", lambda c: c.update(resumed_at=[9])),
+    ("a wall time without its resumes", lambda c: c.pop("resumed_at")),
 ]
 
 
