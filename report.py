@@ -281,6 +281,17 @@ def wall_time(r):
     return minutes
 
 
+def again(runs):
+    """The command that makes CPU runs of one thread count again, with the determinism note; '' otherwise."""
+    threads = {r["threads"] for r in runs}
+    if len(threads) != 1 or any(r["device"] != "cpu" for r in runs):
+        return ""
+    seeds = max(r["seed"] for r in runs)
+    return (f" To make them again, move `{RUNS}/` aside (reproduce.py skips finished runs) and run "
+            f"`OMP_NUM_THREADS={threads.pop()} python reproduce.py --seeds {seeds} --device cpu`. On the CPU the same seed, settings and torch thread count give bit-identical "
+            "runs on the same kind of processor; another thread count changes the last bits.")
+
+
 def runs_section(results):
     rows = []
     for name, runs in results.items():
@@ -296,7 +307,7 @@ def runs_section(results):
             "seconds over every epoch (training only); wall time is summary.json's, training and the "
             "per-epoch scoring, and for a run that was stopped and resumed, from its resume on where its "
             "record kept no earlier part. The load average is metrics.csv's 1-minute load average, the mean "
-            "over the run's epochs.", "",
+            "over the run's epochs." + again(all_runs), "",
             *table(["run", "best (epoch)", "chosen on validation (epoch)", "commit", "torch threads",
                     "training time", "wall time", "load average", "date"], rows)]
 
