@@ -288,8 +288,9 @@ def again(runs):
         return ""
     seeds = max(r["seed"] for r in runs)
     return (f" To make them again, move `{RUNS}/` aside (reproduce.py skips finished runs) and run "
-            f"`OMP_NUM_THREADS={threads.pop()} python reproduce.py --seeds {seeds} --device cpu`. On the CPU the same seed, settings and torch thread count give bit-identical "
-            "runs on the same kind of processor; another thread count changes the last bits.")
+            f"`OMP_NUM_THREADS={threads.pop()} python reproduce.py --seeds {seeds} --device cpu`. On the CPU the "
+            "same seed, settings and torch thread count give bit-identical runs on the same kind of processor; "
+            "another thread count changes the last bits.")
 
 
 def runs_section(results):

@@ -348,8 +348,8 @@ def check_training_state(ckpt, out):
     if not 1 <= ckpt["best_epoch"] <= epoch:
         raise UserError(bad + f"its best epoch {ckpt['best_epoch']} is not one of its epochs 1 to {epoch}")
     wall, at = ckpt.get("wall_seconds"), ckpt.get("resumed_at")  # both, or neither (a last.pt from before them)
-    if (wall is None) != (at is None) or wall is not None and not (
-            is_number(wall) and wall >= 0 and isinstance(at, list) and all(type(e) is int and 1 < e <= epoch for e in at)):
+    if (wall is None) != (at is None) or wall is not None and not (is_number(wall) and wall >= 0 and isinstance(
+            at, list) and all(type(e) is int and 1 < e <= epoch for e in at)):
         raise UserError(bad + "its wall time or resume epochs are not what train.py writes")
     return saved
 
