@@ -21,7 +21,9 @@ import predict
 import runfiles
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAINED = os.path.join(ROOT, "pretrained", "bn_fc.pt")
+# bn_gap: its shipped checkpoint loses 0.04 pp at int8; the shipped bn_fc loses 0.75 pp (99.49% -> 98.74%),
+# which the default --int8-tolerance 0.2 refuses (test_an_impossible_tolerance_writes_nothing is that path)
+PRETRAINED = os.path.join(ROOT, "pretrained", "bn_gap.pt")
 
 
 OLD = bytes(range(256)) * 4096  # 1 MiB: the file an earlier export left, which a reader has open
@@ -29,24 +31,24 @@ OLD = bytes(range(256)) * 4096  # 1 MiB: the file an earlier export left, which 
 
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory, mnist_dir):
-    """pretrained bn_fc as int8 ONNX, through export.py's own command line (verification included). It
+    """pretrained bn_gap as int8 ONNX, through export.py's own command line (verification included). It
     also stands for the rule on output folders: --out is a symlink to the checkpoint's own folder, where
-    an older bn_fc.int8.onnx is being read by another process (a shell holding it open) as the export
+    an older bn_gap.int8.onnx is being read by another process (a shell holding it open) as the export
     replaces it. Returns (--out, checkpoint, path, figures, what the reader read, the real folder)."""
     real = tmp_path_factory.mktemp("int8")
-    shutil.copy(PRETRAINED, real / "bn_fc.pt")
-    (real / "bn_fc.int8.onnx").write_bytes(OLD)
+    shutil.copy(PRETRAINED, real / "bn_gap.pt")
+    (real / "bn_gap.int8.onnx").write_bytes(OLD)
     out = real.parent / (real.name + "-link")
     os.symlink(real, out)
     reader = subprocess.Popen(["sh", "-c", 'exec 3< "$1"; echo open; read go; cat <&3', "sh",
-                               str(real / "bn_fc.int8.onnx")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                               str(real / "bn_gap.int8.onnx")], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert reader.stdout.readline() == b"open\n"
     made = []
     try:
         with pytest.MonkeyPatch.context() as m:
             verified = export.export_verified
             m.setattr(export, "export_verified", lambda *a, **k: made.append(verified(*a, **k)) or made[-1])
-            export.main(["--checkpoint", str(real / "bn_fc.pt"), "--format", "onnx-int8", "--out", str(out),
+            export.main(["--checkpoint", str(real / "bn_gap.pt"), "--format", "onnx-int8", "--out", str(out),
                          "--data-dir", mnist_dir])
         read, _ = reader.communicate(b"go\n", timeout=60)
     finally:
@@ -57,11 +59,11 @@ def int8(tmp_path_factory, mnist_dir):
 
 def test_int8_is_written_verified_and_recorded(int8):
     out, ckpt, path, f, _, _ = int8
-    assert path == str(out / "bn_fc.int8.onnx")
-    assert sorted(os.listdir(out)) == ["bn_fc.int8.onnx", "bn_fc.pt", "manifest.json"]  # the checkpoint's folder
+    assert path == str(out / "bn_gap.int8.onnx")
+    assert sorted(os.listdir(out)) == ["bn_gap.int8.onnx", "bn_gap.pt", "manifest.json"]  # the checkpoint's folder
     assert f["ok"] and f["fp32_accuracy"] == ckpt["test_acc"] and abs(f["accuracy"] - ckpt["test_acc"]) <= 0.2
     assert abs(f["batch1_accuracy"] - ckpt["test_acc"]) <= 0.2 and 9900 <= f["same_predictions"] <= 10000
-    entry = json.loads((out / "manifest.json").read_text())["files"]["bn_fc.int8.onnx"]
+    entry = json.loads((out / "manifest.json").read_text())["files"]["bn_gap.int8.onnx"]
     assert entry["format"] == "onnx-int8" and entry["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert entry["agreement_with_fp32"] == f["same_predictions"] and entry["calibration_images"] == 1024
     proto = onnx.load(path)
@@ -69,7 +71,7 @@ def test_int8_is_written_verified_and_recorded(int8):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops            # QDQ: really quantised
     assert any(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer)  # int8 weights
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["model"] == "bn_fc" and "training images" in meta["calibration"]
+    assert meta["model"] == "bn_gap" and "training images" in meta["calibration"]
     assert json.loads(meta["quantization"])["per_channel"] is True
     assert [i.name for i in proto.graph.input] == ["image"] and [o.name for o in proto.graph.output] == ["log_probs"]
     assert artifacts.format_of(path) == "onnx-int8" and "onnx-int8" not in artifacts.CODE
@@ -84,7 +86,7 @@ def test_export_over_a_file_being_read_into_a_symlinked_input_folder(int8):
     assert read == OLD
     assert open(path, "rb").read(4) != OLD[:4] and not os.path.islink(path)
     assert os.path.islink(out) and os.path.realpath(out) == str(real)
-    assert open(real / "bn_fc.pt", "rb").read() == open(PRETRAINED, "rb").read()
+    assert open(real / "bn_gap.pt", "rb").read() == open(PRETRAINED, "rb").read()
 
 
 def test_an_impossible_tolerance_writes_nothing(int8, mnist_dir, tmp_path, monkeypatch):
@@ -99,10 +101,10 @@ def test_an_impossible_tolerance_writes_nothing(int8, mnist_dir, tmp_path, monke
 def test_evaluate_predict_and_compare_read_it(int8, mnist_dir, tmp_path, capsys):
     out, ckpt, path, f, _, _ = int8
     r = evaluate.evaluate(path, "artifact", str(tmp_path / "eval"), mnist_dir, torch.device("cpu"))
-    assert r["accuracy"] == f["accuracy"] and r["model"] == "bn_fc"
+    assert r["accuracy"] == f["accuracy"] and r["model"] == "bn_gap"
     x, _ = data.load("test", mnist_dir)
     classify, info = predict.load_classifier(predict.parse_args(["--artifact", path, "x.png"]))
-    assert info["model"] == "bn_fc" and classify(x[:5]).shape == (5, 10)
+    assert info["model"] == "bn_gap" and classify(x[:5]).shape == (5, 10)
     compare.main([PRETRAINED, path, "--json", "--data-dir", mnist_dir, "--device", "cpu"])
     got = json.loads(capsys.readouterr().out)
     assert got["b"]["kind"] == "onnx-int8" and got["b"]["accuracy"] == f["accuracy"]
@@ -129,7 +131,7 @@ def test_calibration_reads_only_training_images(mnist_dir, monkeypatch):
 def test_bench_times_the_int8_file(tmp_path, mnist_dir):
     import bench
     out = tmp_path / "b.json"
-    bench.main(["--task", "infer", "--model", "bn_fc", "--device", "cpu", "--backend", "onnxruntime",
+    bench.main(["--task", "infer", "--model", "bn_gap", "--device", "cpu", "--backend", "onnxruntime",
                 "onnxruntime-int8", "--repeats", "1", "--calls", "3", "--data-dir", mnist_dir, "--json", str(out)])
     got = json.loads(out.read_text())
     assert got["environment"]["skipped"] == []
