@@ -53,10 +53,17 @@ def mean_std(values):
     return f"{mean:.2f}" if len(values) < 2 else f"{mean:.2f} +- {statistics.stdev(values):.2f}"
 
 
+def accuracy_ci(values):
+    """The 95% t interval of the mean of accuracies (stats.mean_ci95), within 0-100%: with few seeds the
+    t interval can reach past 100%, where no accuracy lies."""
+    ci = stats.mean_ci95(values)
+    return ci and [max(ci[0], 0.0), min(ci[1], 100.0)]
+
+
 def with_interval(values):
     """'99.50 +- 0.06 [99.43-99.57]': mean +- std with the 95% t interval of the mean (n - 1 degrees of
-    freedom; stats.mean_ci95), or '99.50 (one seed)'."""
-    ci = stats.mean_ci95(values)
+    freedom; accuracy_ci), or '99.50 (one seed)'."""
+    ci = accuracy_ci(values)
     return mean_std(values) + (" (one seed)" if ci is None else f" [{ci[0]:.2f}-{ci[1]:.2f}]")
 
 
@@ -69,7 +76,7 @@ def verdict(name, runs):
     """Where the documented figure lies against our 95% t interval of the same figure (the sources' way)."""
     if name == TRAIN_SET_FIGURE:
         return "not comparable: measured on the training set"
-    ci = stats.mean_ci95(bests(runs))
+    ci = accuracy_ci(bests(runs))
     if ci is None:
         return "one seed: no interval"
     doc = models.RECIPES[name]["documented"]["best_test_acc"]
@@ -281,6 +288,14 @@ def wall_time(r):
     return minutes
 
 
+def dirty(runs):
+    """What a commit marked -dirty means, where one is."""
+    if not any((r["git_commit"] or "").endswith("-dirty") for r in runs):
+        return ""
+    return (" A commit marked -dirty had uncommitted changes in the working tree the run started from; the "
+            "record does not say which.")
+
+
 def again(runs):
     """The command that makes CPU runs of one thread count again, with the determinism note; '' otherwise."""
     threads = {r["threads"] for r in runs}
@@ -308,7 +323,7 @@ def runs_section(results):
             "seconds over every epoch (training only); wall time is summary.json's, training and the "
             "per-epoch scoring, and for a run that was stopped and resumed, from its resume on where its "
             "record kept no earlier part. The load average is metrics.csv's 1-minute load average, the mean "
-            "over the run's epochs." + again(all_runs), "",
+            "over the run's epochs." + dirty(all_runs) + again(all_runs), "",
             *table(["run", "best (epoch)", "chosen on validation (epoch)", "commit", "torch threads",
                     "training time", "wall time", "load average", "date"], rows)]
 

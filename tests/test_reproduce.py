@@ -272,6 +272,8 @@ def test_intervals_and_the_verdict_against_the_documented_figure():
     assert report.verdict("gap10k", [dict(best_test_acc=99.4)]) == "one seed: no interval"
     assert report.with_interval([99.4]) == "99.40 (one seed)"
     assert report.verdict("conv4_fc", low).startswith("not comparable")
+    # two seeds (t = 12.71 at 1 degree of freedom): the interval stops at 100%, where accuracy does
+    assert report.with_interval([99.31, 99.42]) == "99.37 +- 0.08 [98.67-100.00]"
 
 
 def test_committed_documents_regenerate_byte_for_byte(mnist_dir, tmp_path):
